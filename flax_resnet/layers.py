@@ -1,0 +1,75 @@
+"""Layers whose numerics follow PyTorch exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+
+class BatchNorm(nn.Module):
+    """``torch.nn.BatchNorm2d`` over the last (channel) axis, NHWC.
+
+    Differs from ``flax.linen.BatchNorm`` where PyTorch does: the running
+    variance is updated with the *unbiased* batch variance (n / (n - 1)), as
+    torch does, while normalization uses the biased one. Statistics are
+    computed two-pass in at least float32, also under bfloat16 compute.
+
+    Attributes:
+        momentum: Flax convention, ``new = momentum * old + (1 - momentum) *
+            batch``; torch's default momentum 0.1 is 0.9 here.
+        epsilon: added to the variance, torch's default 1e-5.
+        dtype: output dtype; ``None`` promotes the input with the params.
+        param_dtype: dtype of ``scale``/``bias`` and of the running stats.
+        axis_name: if set, batch statistics are averaged over this mapped or
+            sharded axis (SyncBatchNorm over the global batch).
+        scale_init: initializer of ``scale`` (zeros for zero-init residuals).
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+    scale_init: Any = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), self.param_dtype)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), self.param_dtype)
+
+        stat_dtype = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), ra_mean.value.dtype)
+        out_dtype = self.dtype or jnp.result_type(x.dtype, scale.dtype)
+        xs = x.astype(stat_dtype)
+
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            n = 1
+            for a in axes:
+                n *= x.shape[a]
+            mean = jnp.mean(xs, axes)
+            if self.axis_name is not None:
+                mean = jax.lax.pmean(mean, self.axis_name)
+                n = n * jax.lax.psum(1, self.axis_name)
+            var = jnp.mean(jnp.square(xs - mean), axes)
+            if self.axis_name is not None:
+                var = jax.lax.pmean(var, self.axis_name)
+            if not self.is_initializing():
+                m = self.momentum
+                unbiased = var * (n / (n - 1))
+                ra_mean.value = (m * ra_mean.value + (1 - m) * mean).astype(ra_mean.value.dtype)
+                ra_var.value = (m * ra_var.value + (1 - m) * unbiased).astype(ra_var.value.dtype)
+        else:
+            mean, var = ra_mean.value.astype(stat_dtype), ra_var.value.astype(stat_dtype)
+
+        # torch's kernels form the same affine map: y = x * alpha + beta.
+        alpha = scale.astype(stat_dtype) * jax.lax.rsqrt(var + self.epsilon)
+        beta = bias.astype(stat_dtype) - mean * alpha
+        return (xs * alpha + beta).astype(out_dtype)

@@ -1,0 +1,227 @@
+"""Flax Linen ResNets that mirror ``torch_ref`` block for block (NHWC).
+
+Module names are torch's (``conv1``, ``bn1``, ``layer1/0/conv2``,
+``layer1/0/downsample/0``, ``fc``), so the converter is a walk over names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from flax_resnet.archs import STEM_CHANNELS, ArchSpec, BlockSpec, ConvSpec, blocks, get_arch
+from flax_resnet.layers import BatchNorm
+
+Dtype = Any
+
+# torchvision's init: kaiming normal, fan_out, for every conv.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class _Common(nn.Module):
+    """Settings shared by every layer of a ResNet."""
+
+    conv_bias: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    axis_name: str | None = None
+    bn_momentum: float = 0.9
+    bn_eps: float = 1e-5
+
+    def conv(self, c: ConvSpec, name: str) -> nn.Conv:
+        # Explicit symmetric padding as in torch; 'SAME' would pad (0, 1) at stride 2.
+        return nn.Conv(
+            c.out_ch,
+            (c.kernel, c.kernel),
+            strides=(c.stride, c.stride),
+            padding=((c.padding, c.padding), (c.padding, c.padding)),
+            feature_group_count=c.groups,
+            use_bias=self.conv_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=_conv_init,
+            name=name,
+        )
+
+    def bn(self, name: str, zero_init: bool = False) -> BatchNorm:
+        return BatchNorm(
+            momentum=self.bn_momentum,
+            epsilon=self.bn_eps,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            axis_name=self.axis_name,
+            scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+            name=name,
+        )
+
+    def common(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in _Common.__dataclass_fields__ if f not in ("parent", "name")}
+
+
+class Downsample(_Common):
+    """The shortcut projection: 1x1 conv (``0``) then BatchNorm (``1``)."""
+
+    spec: ConvSpec = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = self.conv(self.spec, "0")(x)
+        return self.bn("1")(x, train)
+
+
+class Block(_Common):
+    """A basic (2 convs) or bottleneck (3 convs) residual block."""
+
+    spec: BlockSpec = None
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        residual = x
+        n = len(self.spec.convs)
+        for i, c in enumerate(self.spec.convs, start=1):
+            x = self.conv(c, f"conv{i}")(x)
+            x = self.bn(f"bn{i}", zero_init=self.zero_init_residual and i == n)(x, train)
+            if i < n:
+                x = nn.relu(x)
+        if self.spec.downsample is not None:
+            residual = Downsample(spec=self.spec.downsample, name="downsample", **self.common())(residual, train)
+        return nn.relu(x + residual)
+
+
+class Stage(_Common):
+    """``layerN``: its blocks, named ``0``, ``1``, ... as in torch."""
+
+    specs: tuple[BlockSpec, ...] = ()
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        outs = []
+        for b in self.specs:
+            x = Block(spec=b, zero_init_residual=self.zero_init_residual, name=str(b.index), **self.common())(x, train)
+            outs.append(x)
+        return x, outs
+
+
+class ResNet(_Common):
+    """ResNet v1.5 (torchvision) or v1, any row of ``flax_resnet.ARCHS``.
+
+    Input is NHWC. Logits come back in at least float32.
+
+    Attributes:
+        arch: architecture name (``"resnet50"``) or an ``ArchSpec``.
+        num_classes: outputs of ``fc``.
+        conv_bias: convs carry a bias (the seed layout) or not (torchvision).
+        stride_in_1x1: ResNet v1 (stride in the first 1x1 conv of a
+            bottleneck) instead of v1.5 (stride in the 3x3 conv).
+        zero_init_residual: initialize each block's last BN scale to zero.
+        dtype: compute dtype (e.g. ``jnp.bfloat16``); ``None`` follows the
+            inputs and params, so float64 variables compute in float64.
+        param_dtype: dtype of freshly initialized params and BN stats.
+        precision: ``jax.lax.Precision`` for convs and ``fc`` (``"highest"``
+            disables TF32 on GPUs).
+        axis_name: mapped/sharded batch axis for global BN statistics.
+        bn_momentum: Flax convention; 0.9 equals torch's momentum 0.1.
+        bn_eps: BatchNorm epsilon, torch's 1e-5.
+    """
+
+    arch: str | ArchSpec = "resnet50"
+    num_classes: int = 1000
+    stride_in_1x1: bool = False
+    zero_init_residual: bool = False
+
+    @property
+    def spec(self) -> ArchSpec:
+        return get_arch(self.arch)
+
+    def setup(self):
+        spec = self.spec
+        stem = ConvSpec(-1, STEM_CHANNELS, 7, 2, 3)
+        self.conv1 = self.conv(stem, None)
+        self.bn1 = self.bn(None)
+        all_blocks = list(blocks(spec, self.stride_in_1x1))
+        stages = [tuple(b for b in all_blocks if b.stage == s) for s in (1, 2, 3, 4)]
+        kw = dict(zero_init_residual=self.zero_init_residual, **self.common())
+        self.layer1 = Stage(specs=stages[0], **kw)
+        self.layer2 = Stage(specs=stages[1], **kw)
+        self.layer3 = Stage(specs=stages[2], **kw)
+        self.layer4 = Stage(specs=stages[3], **kw)
+        self.fc = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+        )
+
+    def intermediates(self, x: jax.Array, train: bool = False, blocks: bool = False) -> dict[str, jax.Array]:
+        """Runs the network and returns every parity point in order.
+
+        Args:
+            x: NHWC images.
+            train: BatchNorm uses batch statistics and updates ``batch_stats``
+                (apply with ``mutable=["batch_stats"]``).
+            blocks: also return each block's output (``"layer1.0"``, ...).
+
+        Returns:
+            An ordered dict: ``stem`` (after the max-pool), [each block],
+            ``layer1``..``layer4``, ``pre_logits`` (pooled features) and
+            ``logits``, the same points as ``torch_ref``'s
+            ``forward_intermediates``.
+        """
+        out: dict[str, jax.Array] = {}
+        x = nn.relu(self.bn1(self.conv1(x), train))
+        # torch pads max-pool with -inf; so does reduce_window here.
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        out["stem"] = x
+        for i, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
+            x, block_outs = stage(x, train)
+            if blocks:
+                out.update({f"layer{i}.{j}": y for j, y in enumerate(block_outs)})
+            out[f"layer{i}"] = x
+        x = jnp.mean(x, axis=(1, 2))
+        out["pre_logits"] = x
+        logits = self.fc(x)
+        out["logits"] = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        return out
+
+    def features(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        """Backbone features for detection/segmentation: stem, layer1..4, pre_logits."""
+        out = self.intermediates(x, train)
+        return {k: out[k] for k in ("stem", "layer1", "layer2", "layer3", "layer4", "pre_logits")}
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits of NHWC images ``x``; ``train=True`` uses and updates batch statistics."""
+        return self.intermediates(x, train)["logits"]
+
+
+def _factory(name: str):
+    def make(num_classes: int = 1000, **kwargs: Any) -> ResNet:
+        return ResNet(arch=name, num_classes=num_classes, **kwargs)
+
+    make.__name__ = make.__qualname__ = name
+    make.__doc__ = (
+        f"Flax {name} (v1.5, torchvision topology).\n\n"
+        "Args:\n"
+        "    num_classes: outputs of the classifier.\n"
+        "    **kwargs: any ``ResNet`` attribute (``conv_bias``, ``dtype``, ``param_dtype``, ...).\n"
+    )
+    return make
+
+
+resnet18 = _factory("resnet18")
+resnet34 = _factory("resnet34")
+resnet50 = _factory("resnet50")
+resnet101 = _factory("resnet101")
+resnet152 = _factory("resnet152")
+wide_resnet50_2 = _factory("wide_resnet50_2")
+wide_resnet101_2 = _factory("wide_resnet101_2")
+resnext50_32x4d = _factory("resnext50_32x4d")
+resnext101_32x8d = _factory("resnext101_32x8d")
+resnext101_64x4d = _factory("resnext101_64x4d")
