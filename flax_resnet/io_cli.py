@@ -1,0 +1,169 @@
+"""``flax-resnet convert`` and ``flax-resnet inspect``: checkpoint files in and out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from flax_resnet.archs import ARCHS
+
+CONVERT_EPILOG = """\
+output format (from DST):
+  X.msgpack       Flax variables, flax.serialization msgpack (plus a __meta__ entry)
+  X.safetensors   a torch state_dict (torchvision or seed keys, as --layout);
+                  --layout flax writes flattened Flax keys (params/layer1/0/conv1/kernel)
+  X.npz           like .safetensors, as numpy's .npz
+  X.pth, .pt, .bin  a torch state_dict (torch.save), loads into torchvision/timm with strict=True
+  X (no suffix)   an Orbax checkpoint directory (orbax StandardCheckpointer; existing
+                  directory or not)
+
+SRC may be any of these, or a training checkpoint ({"state_dict": ...}, {"model": ...},
+{"model_state_dict": ...}, module. prefixes); its format is read from its content.
+.pth files are read with torch.load(weights_only=True): a pickle that would run code is refused.
+
+--layout: torchvision (bias-free convs, downsample) or seed (conv biases, identity_downsample);
+default: the source's. Exporting seed weights to torchvision folds each conv bias into the
+following BatchNorm's running_mean (exact in eval and train mode).
+
+examples:
+  flax-resnet convert resnet50-0676ba61.pth resnet50.msgpack
+  flax-resnet convert checkpoint.pth ckpt/resnet50 --dtype bfloat16
+  flax-resnet convert resnet50.msgpack resnet50.safetensors --layout torchvision
+"""
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return f"{n} B"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    c = subparsers.add_parser(
+        "convert",
+        help="convert a checkpoint between PyTorch, safetensors, Flax msgpack and Orbax",
+        description="Convert a ResNet checkpoint: strict (every key and shape checked), safe "
+        "(no pickled code runs), atomic (no partial output) and never overwriting without --force.",
+        epilog=CONVERT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("src", metavar="SRC", help="input file or Orbax directory")
+    c.add_argument("dst", metavar="DST", help="output path; its suffix picks the format (see below)")
+    c.add_argument(
+        "--arch",
+        default="auto",
+        metavar="ARCH",
+        help=f"architecture the file must hold: auto (infer from keys and shapes, default) or one of {', '.join(ARCHS)}",
+    )
+    c.add_argument(
+        "--layout",
+        default=None,
+        choices=("torchvision", "seed", "flax"),
+        help="key layout of the output (default: the source's); flax: Flax keys in .safetensors/.npz",
+    )
+    c.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="cast floating weights (default: keep)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing output")
+    c.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights instead of refusing")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(func=run_convert)
+
+    i = subparsers.add_parser(
+        "inspect",
+        help="describe a checkpoint: architecture, layout, classes, parameters, dtypes, problems",
+        description="Describe a checkpoint file or Orbax directory. Exit status 0 if convert would "
+        "accept it, 1 if it has problems (non-finite values, unexpected/missing/mis-shaped keys), "
+        "2 if it is not a readable checkpoint.",
+    )
+    i.add_argument("file", metavar="FILE", help="checkpoint file or Orbax directory")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.set_defaults(func=run_inspect)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from flax_resnet import checkpoint
+
+    arch = None if args.arch in (None, "auto") else args.arch
+    r = checkpoint.convert(
+        args.src,
+        args.dst,
+        arch=arch,
+        layout=args.layout,
+        dtype=args.dtype,
+        force=args.force,
+        allow_nonfinite=args.allow_nonfinite,
+    )
+    if args.json:
+        print(json.dumps(r, indent=2, default=str))
+        return 0
+    src = f"{r['src_format']}, {r['src_keys']} keys"
+    if r["wrapper"]:
+        src += f", from [{r['wrapper']!r}]"
+    if r["prefix"]:
+        src += f", prefix {r['prefix']!r} stripped"
+    dst = f"{r['format']}, " + ("Flax variables" if r["keys"] == "flax" else f"{r['layout']} state_dict")
+    print(f"converted {r['src']} ({src}) -> {r['dst']} ({dst})")
+    print(f"  architecture  {r['arch']}, {r['layout']} layout, {r['num_classes']} classes")
+    print(f"  parameters    {r['num_params']:,} ({r['dtype']}) + {r['num_stats']:,} BatchNorm statistics")
+    print(f"  wrote         {r['bytes']:,} bytes ({_human_bytes(r['bytes'])}) in {r['seconds']:.2f} s")
+    if r["extras"]:
+        print(f"  ignored       {', '.join(r['extras'])}")
+    return 0
+
+
+def format_report(r: dict) -> str:
+    """``inspect``'s report as aligned text lines."""
+    lines = []
+
+    def row(name, value):
+        lines.append(f"{name:<14}{value}")
+
+    row("file", f"{r['path']} ({r['format']}, {r['bytes']:,} bytes)")
+    keys = f"{r['keys']}, {r['num_tensors']} tensors"
+    if r["wrapper"]:
+        keys += f", inside [{r['wrapper']!r}]"
+    if r["prefix"]:
+        keys += f", prefix {r['prefix']!r}"
+    row("keys", keys)
+    row("architecture", r["arch"] or "unknown")
+    row("layout", r["layout"] or "unknown")
+    row("num_classes", r["num_classes"] if r["num_classes"] is not None else "unknown")
+    row("in_channels", r["in_channels"] if r["in_channels"] is not None else "unknown")
+    if r["num_params"] is not None:
+        row("parameters", f"{r['num_params']:,} (+ {r['num_stats']:,} BatchNorm statistics)")
+    row("dtypes", ", ".join(f"{k} x{v}" for k, v in r["dtypes"].items()))
+    if r["num_batches_tracked"] is not None:
+        row("batches", f"num_batches_tracked {r['num_batches_tracked'] if isinstance(r['num_batches_tracked'], int) else 'varies'}")
+    if r["extras"]:
+        row("other entries", ", ".join(r["extras"]))
+    if r["meta"]:
+        row("metadata", json.dumps(r["meta"], sort_keys=True))
+
+    def listed(items, limit=8):
+        more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + more
+
+    if r["unexpected"]:
+        row("unexpected", f"{len(r['unexpected'])}: {listed(r['unexpected'])}")
+    if r["missing"]:
+        row("missing", f"{len(r['missing'])}: {listed(r['missing'])}")
+    if r["mismatched"]:
+        row("mis-shaped", f"{len(r['mismatched'])}: " + listed([f"{k} expected {tuple(a)} found {tuple(b)}" for k, a, b in r["mismatched"]]))
+    if r["nonfinite"]:
+        row("non-finite", f"{len(r['nonfinite'])}: " + listed([f"{k} ({n} NaN, {i} Inf of {s})" for k, n, i, s in r["nonfinite"]]))
+    row("status", "ok" if r["ok"] else "PROBLEMS: " + "; ".join(r["problems"]))
+    return "\n".join(lines)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from flax_resnet import checkpoint
+
+    r = checkpoint.inspect(args.file)
+    if args.json:
+        print(json.dumps(r, indent=2, default=str))
+    else:
+        print(format_report(r))
+    sys.stdout.flush()
+    return 0 if r["ok"] else 1
