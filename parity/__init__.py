@@ -1,0 +1,1 @@
+"""Parity harness: PyTorch vs Flax on the same weights and inputs, under jax.jit."""

@@ -1,0 +1,378 @@
+"""Runs PyTorch and Flax on the same weights and inputs and reports the gap.
+
+Every comparison is relative to a float64 torch run of the same model:
+
+* ``float32``: a point passes when Flax's error is at most 2x torch fp32's own
+  error at that point (the fp32 noise floor), never tighter than
+  ``FP32_FLOOR``.
+* ``float64``: Flax and torch must agree to ``FP64_TOL`` (1e-10 of the
+  reference's max magnitude in eval; 1e-9 for train, gradients and steps).
+* reduced precision (``bfloat16`` compute, or TF32 with ``precision
+  "default"`` on a GPU): the same 2x rule against torch at the same reduced
+  precision (``torch.autocast`` bfloat16; TF32 allowed), never tighter than
+  ``BF16_FLOOR``/``FP32_FLOOR``.
+
+Errors are ``max|flax - ref| / max|ref|`` per point. Points are reported in
+network order, so the first failing one says where parity broke.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import platform
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import flax_resnet
+from flax_resnet.convert import flax_to_torch, infer_config
+
+MODES = ("eval", "train", "grad", "steps")
+FP32_FLOOR = 1e-6
+FP64_TOL = {"eval": 1e-10, "train": 1e-9, "grad": 1e-9, "steps": 1e-9}
+BF16_FLOOR = 1e-2
+SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+@dataclasses.dataclass
+class Point:
+    """One compared tensor (or group of tensors)."""
+
+    mode: str
+    name: str
+    max_abs: float
+    rel: float
+    tol: float
+    torch_rel: float | None = None  # torch's own error at this dtype, when measured
+    worst: str | None = None  # the worst tensor of a group
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.rel) and self.rel <= self.tol)
+
+
+@dataclasses.dataclass
+class Report:
+    arch: str
+    layout: str
+    dtype: str
+    precision: str
+    batch: int
+    size: tuple[int, int]
+    device: str
+    points: list[Point]
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.points)
+
+    @property
+    def first_failure(self) -> Point | None:
+        return next((p for p in self.points if not p.passed), None)
+
+    def point(self, mode: str, name: str) -> Point:
+        return next(p for p in self.points if p.mode == mode and p.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for p, pd in zip(self.points, d["points"]):
+            pd["passed"] = p.passed
+        d["passed"] = self.passed
+        ff = self.first_failure
+        d["first_failure"] = f"{ff.mode} {ff.name}" if ff else None
+        return d
+
+    def format(self) -> str:
+        head = (
+            f"flax-resnet parity: {self.arch} ({self.layout} layout), batch {self.batch}, "
+            f"{self.size[0]}x{self.size[1]}, {self.dtype}, precision {self.precision}, {self.device}"
+        )
+        rows = [("mode", "point", "max abs err", "rel err", "tolerance", "torch own", "status")]
+        for p in self.points:
+            own = "-" if p.torch_rel is None else f"{p.torch_rel:.2e}"
+            status = "pass" if p.passed else "FAIL"
+            name = p.name + (f" ({p.worst})" if p.worst and not p.passed else "")
+            rows.append((p.mode, name, f"{p.max_abs:.3e}", f"{p.rel:.3e}", f"{p.tol:.2e}", own, status))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        ff = self.first_failure
+        n = len(self.points)
+        lines += ["", f"PASS: all {n} points within tolerance" if ff is None else f"FAIL: first failure at {ff.mode} {ff.name}"]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Precision pinning
+
+
+@contextlib.contextmanager
+def pinned_precision(precision: str) -> Iterator[None]:
+    """Pins matmul/conv precision in JAX and torch, restoring both afterwards.
+
+    ``"highest"`` is true fp32 on GPUs (no TF32) in both frameworks;
+    ``"default"`` leaves each framework's default (TF32 on Ampere+ GPUs).
+    """
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        if precision == "highest":
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            with jax.default_matmul_precision("highest"):
+                yield
+        else:
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def torch_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe_devices() -> str:
+    jd = jax.devices()[0]
+    td = torch_device()
+    tname = torch.cuda.get_device_name(0) if td.type == "cuda" else platform.processor() or "cpu"
+    return f"jax {jax.default_backend()} ({jd.device_kind}) / torch {td.type} ({tname})"
+
+
+# ---------------------------------------------------------------------------
+# Running each side
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    a = _numpy(t)
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a  # NCHW -> NHWC for comparison
+
+
+def _torch_side(model: torch.nn.Module, x: np.ndarray, labels: np.ndarray, modes: Sequence[str], steps: int, autocast_bf16: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    dev = torch_device()
+    dtype = next(model.parameters()).dtype
+    xt = torch.from_numpy(x).to(dev, dtype)
+    yt = torch.from_numpy(labels).to(dev)
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with ctx:
+        if "eval" in modes:
+            m = copy.deepcopy(model).to(dev).eval()
+            with torch.no_grad():
+                out["eval"] = {k: _np(v) for k, v in m.forward_intermediates(xt, blocks=True).items()}
+        if "train" in modes:
+            m = copy.deepcopy(model).to(dev).train()
+            with torch.no_grad():
+                res = {k: _np(v) for k, v in m.forward_intermediates(xt, blocks=True).items()}
+            res.update(_stats(m))
+            out["train"] = res
+        if "grad" in modes:
+            m = copy.deepcopy(model).to(dev).train()
+            loss = F.cross_entropy(_logits32(m(xt)), yt)
+            loss.backward()
+            res = {"loss": np.asarray(loss.item())}
+            res.update({f"grad:{k}": _numpy(p.grad) for k, p in m.named_parameters()})
+            out["grad"] = res
+        if "steps" in modes:
+            m = copy.deepcopy(model).to(dev).train()
+            opt = torch.optim.SGD(m.parameters(), **SGD)
+            for _ in range(steps):
+                opt.zero_grad()
+                F.cross_entropy(_logits32(m(xt)), yt).backward()
+                opt.step()
+            res = {f"param:{k}": _numpy(p) for k, p in m.named_parameters()}
+            res.update(_stats(m))
+            out["steps"] = res
+    return out
+
+
+def _logits32(logits: torch.Tensor) -> torch.Tensor:
+    """Loss in at least float32, as on the Flax side (float64 stays float64)."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+def _stats(m: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {f"stat:{k}": _numpy(v) for k, v in m.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+
+def make_sgd(lr: float | None = None, momentum: float | None = None, weight_decay: float | None = None) -> optax.GradientTransformation:
+    """``torch.optim.SGD(lr, momentum, weight_decay)`` exactly: decay joins the grad before momentum.
+
+    Unset arguments take the harness's ``SGD`` settings.
+    """
+    lr = SGD["lr"] if lr is None else lr
+    momentum = SGD["momentum"] if momentum is None else momentum
+    weight_decay = SGD["weight_decay"] if weight_decay is None else weight_decay
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(model, what: str):
+    """jit-compiled Flax computations, cached per (model, what)."""
+
+    def loss_fn(params, batch_stats, x, y):
+        logits, new = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, new["batch_stats"]
+
+    if what == "eval":
+        return jax.jit(lambda v, x: model.apply(v, x, train=False, blocks=True, method="intermediates"))
+    if what == "train":
+        return jax.jit(lambda v, x: model.apply(v, x, train=True, blocks=True, method="intermediates", mutable=["batch_stats"]))
+    if what == "grad":
+
+        def grad(v, x, y):
+            (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(v["params"], v["batch_stats"], x, y)
+            return loss, g
+
+        return jax.jit(grad)
+    if what == "step":
+        tx = make_sgd()
+
+        def step(params, stats, opt_state, x, y):
+            (_, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
+            updates, opt_state = tx.update(g, opt_state, params)
+            return optax.apply_updates(params, updates), stats, opt_state
+
+        return jax.jit(step), tx
+    raise ValueError(what)
+
+
+def _flax_side(model, variables, x: np.ndarray, labels: np.ndarray, layout: str, modes: Sequence[str], steps: int) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    x = jnp.asarray(x.transpose(0, 2, 3, 1))
+    y = jnp.asarray(labels)
+    variables = jax.device_put(variables)
+
+    def as_torch(tree, prefix, keep):
+        sd = flax_to_torch(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) if a.dtype == jnp.bfloat16 else np.asarray(a), tree), layout=layout)
+        return {f"{prefix}:{k}": v for k, v in sd.items() if keep(k)}
+
+    is_stat = lambda k: k.endswith(("running_mean", "running_var"))  # noqa: E731
+    if "eval" in modes:
+        out["eval"] = {k: np.asarray(v) for k, v in _jitted(model, "eval")(variables, x).items()}
+    if "train" in modes:
+        feats, new = _jitted(model, "train")(variables, x)
+        res = {k: np.asarray(v) for k, v in feats.items()}
+        res.update(as_torch({"params": variables["params"], **new}, "stat", is_stat))
+        out["train"] = res
+    if "grad" in modes:
+        loss, g = _jitted(model, "grad")(variables, x, y)
+        res = {"loss": np.asarray(loss)}
+        res.update(as_torch({"params": g, "batch_stats": variables["batch_stats"]}, "grad", lambda k: not is_stat(k) and "num_batches" not in k))
+        out["grad"] = res
+    if "steps" in modes:
+        step, tx = _jitted(model, "step")
+        params, stats = variables["params"], variables["batch_stats"]
+        opt_state = tx.init(params)
+        for _ in range(steps):
+            params, stats, opt_state = step(params, stats, opt_state, x, y)
+        new = {"params": params, "batch_stats": stats}
+        res = as_torch(new, "param", lambda k: not is_stat(k) and "num_batches" not in k)
+        res.update(as_torch(new, "stat", is_stat))
+        out["steps"] = res
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Comparing
+
+
+def _group(key: str) -> str:
+    """'grad:layer2.3.conv1.weight' -> 'grad layer2'; stem modules -> 'stem'; fc -> 'fc'."""
+    kind, name = key.split(":", 1)
+    top = name.split(".")[0]
+    top = "stem" if top in ("conv1", "bn1") else top
+    if kind == "stat":
+        kind = "running_var" if name.endswith("running_var") else "running_mean"
+    return f"{kind} {top}"
+
+
+def _points(mode: str, ref: dict, flax: dict, own: dict | None, tol_rule) -> list[Point]:
+    """Per-point errors; keyed tensors ('grad:...', 'stat:...') are grouped by stage."""
+    groups: dict[str, list[str]] = {}
+    for k in ref:
+        groups.setdefault(_group(k) if ":" in k else k, []).append(k)
+    points = []
+    for name, keys in groups.items():
+        scale = max(float(np.max(np.abs(ref[k]))) if ref[k].size else 0.0 for k in keys) or 1.0
+        errs = {k: float(np.max(np.abs(flax[k].astype(np.float64) - ref[k]))) if ref[k].size else 0.0 for k in keys}
+        worst = max(errs, key=errs.get)
+        torch_rel = None
+        if own is not None:
+            torch_rel = max(float(np.max(np.abs(own[k].astype(np.float64) - ref[k]))) if ref[k].size else 0.0 for k in keys) / scale
+        points.append(Point(mode, name, errs[worst], errs[worst] / scale, tol_rule(mode, torch_rel), torch_rel, worst if len(keys) > 1 else None))
+    return points
+
+
+def run_parity(
+    torch_model: torch.nn.Module,
+    x: np.ndarray,
+    labels: np.ndarray | None = None,
+    modes: Sequence[str] = ("eval",),
+    dtype: str = "float32",
+    precision: str = "highest",
+    steps: int = 2,
+) -> Report:
+    """Compares a ``torch_ref.ResNet`` with its Flax conversion.
+
+    Args:
+        torch_model: a float32 ``torch_ref.ResNet`` (seed or torchvision layout).
+        x: NCHW float images (converted to NHWC for Flax).
+        labels: integer class labels for ``grad``/``steps`` (seeded if omitted).
+        modes: any of ``"eval"`` (logits and every block, running stats),
+            ``"train"`` (train-mode forward: outputs and updated running
+            stats), ``"grad"`` (loss and gradients of mean cross-entropy),
+            ``"steps"`` (params and stats after ``steps`` SGD steps, torch
+            ``SGD(lr=0.1, momentum=0.9, weight_decay=1e-4)`` vs ``make_sgd``).
+        dtype: ``"float32"``, ``"float64"`` or ``"bfloat16"`` (Flax compute).
+        precision: ``"highest"`` pins fp32 on GPUs; ``"default"`` allows TF32.
+        steps: optimizer steps for ``"steps"``.
+
+    Returns:
+        A ``Report`` of every point in network order.
+    """
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown parity mode(s) {bad}; choose from {', '.join(MODES)}")
+    if dtype not in ("float32", "float64", "bfloat16"):
+        raise ValueError(f"unknown dtype {dtype!r}; choose float32, float64 or bfloat16")
+    sd = torch_model.state_dict()
+    cfg = infer_config(sd)
+    if labels is None:
+        labels = np.random.default_rng(0).integers(0, cfg.num_classes, size=x.shape[0])
+    labels = np.asarray(labels, np.int64)
+    x64 = np.asarray(x, np.float64)
+
+    with pinned_precision(precision):
+        ref = _torch_side(copy.deepcopy(torch_model).double(), x64, labels, modes, steps)
+        if dtype == "float64":
+            with jax.enable_x64(True):
+                model, variables = flax_resnet.from_torch(copy.deepcopy(torch_model).double().state_dict())
+                flax = _flax_side(model, variables, x64, labels, cfg.layout, modes, steps)
+            own = None
+            rule = lambda mode, _: FP64_TOL[mode]  # noqa: E731
+        else:
+            own = _torch_side(copy.deepcopy(torch_model).float(), x64.astype(np.float32), labels, modes, steps, autocast_bf16=dtype == "bfloat16")
+            model, variables = flax_resnet.from_torch(sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None)
+            flax = _flax_side(model, variables, x64.astype(np.float32), labels, cfg.layout, modes, steps)
+            floor = BF16_FLOOR if dtype == "bfloat16" else FP32_FLOOR
+            rule = lambda mode, torch_rel: max(2.0 * torch_rel, floor)  # noqa: E731
+
+    points: list[Point] = []
+    for mode in modes:
+        points += _points(mode, ref[mode], flax[mode], own[mode] if own else None, rule)
+    return Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), describe_devices(), points)
