@@ -320,28 +320,87 @@ def _safe_globals() -> list:
     return allowed
 
 
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.bytearray", "_codecs.encode")
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """``module.name`` of every global a pickle stream references, found without unpickling.
+
+    Reads opcodes with ``pickletools`` (which executes nothing), through every
+    pickle in ``data`` (legacy ``torch.save`` files hold several).
+    """
+    import io
+    import pickletools
+
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        strings: list[str] = []
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    found.append(arg.replace(" ", ".").replace("\n", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and ("UNICODE" in op.name or op.name in ("STRING", "BINSTRING", "SHORT_BINSTRING")):
+                    strings.append(str(arg))
+        except Exception:  # truncated or not a pickle: report what was found
+            break
+        if stream.tell() >= len(data):
+            break
+    return list(dict.fromkeys(found))
+
+
+def _unsafe_global(p: Path, named: str | None) -> str | None:
+    """The global that makes a torch file unsafe, by a static scan of its pickle(s)."""
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                data = b"".join(z.read(n) for n in z.namelist() if n.endswith(".pkl"))
+        else:
+            data = p.read_bytes()
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return named
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _safe_globals()}
+    found = _pickle_globals(data)
+    if named:
+        for g in found:
+            if g == named or g.endswith("." + named):
+                return g
+    for g in found:
+        if g not in allowed and not g.startswith(_SAFE_GLOBAL_PREFIXES):
+            return g
+    return named
+
+
 def _torch_load(p: Path) -> Any:
     try:
         import torch
     except ImportError:
         raise CheckpointError(f"{p}: reading a PyTorch file needs torch (pip install torch); or convert it to .safetensors elsewhere") from None
     import pickle
+    import warnings
 
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says it all
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         m = re.search(r"GLOBAL ([\w.]+)", text)
-        if m:
+        culprit = _unsafe_global(p, m.group(1) if m else None)
+        if culprit:
             raise CheckpointError(
-                f"{p}: refused to load: the pickle references {m.group(1)}, which torch.load(weights_only=True) "
+                f"{p}: refused to load: the pickle references {culprit}, which torch.load(weights_only=True) "
                 "does not allow (loading it could run code); nothing in the file was executed. "
                 "If it is a whole pickled model, save model.state_dict() instead"
             ) from None
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         detail = next((ln for ln in reversed(lines) if not ln.startswith("Check the documentation")), text)
-        raise CheckpointError(f"{p}: corrupt or unsafe PyTorch file ({_one_line(detail, 160)})") from None
+        raise CheckpointError(
+            f"{p}: corrupt or unsupported PyTorch file, refused by torch.load(weights_only=True) "
+            f"({_one_line(detail, 160)}); nothing in the file was executed"
+        ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError, TypeError, AttributeError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{p}: corrupt or truncated PyTorch file ({type(e).__name__}: {_one_line(e, 160)})") from None
 
@@ -623,7 +682,13 @@ def resolve(
         try:
             variables = torch_to_flax(sd, cfg.arch, cfg.layout)
         except ConversionError as e:
-            raise ConversionError(f"{cfg.arch} ({cfg.layout} layout) from {where}", e.missing, e.unexpected, e.mismatched, e.other) from None
+            target = f"{cfg.arch} ({cfg.layout} layout) from {where}"
+            if arch is not None:
+                with contextlib.suppress(ConversionError, ValueError):
+                    held = infer_config(sd)
+                    if held.arch != arch:
+                        target += f", which holds a {held.arch}"
+            raise ConversionError(target, e.missing, e.unexpected, e.mismatched, e.other) from None
         nbt = _nbt_from_torch(sd, cfg)
     else:
         tree = ck.tensors
@@ -702,12 +767,12 @@ def load_variables(
     path: str | os.PathLike,
     arch: str | None = None,
     layout: str | None = None,
-    dtype: Any = None,
+    param_dtype: Any = None,
     allow_nonfinite: bool = False,
 ) -> tuple[ModelConfig, dict]:
     """``(config, variables)`` from any supported file; see ``load``."""
     r = resolve(read(path), arch, layout, allow_nonfinite)
-    return r.config, _cast_tree(r.variables, _dtype(dtype))
+    return r.config, _cast_tree(r.variables, _dtype(param_dtype))
 
 
 def load(
@@ -716,6 +781,7 @@ def load(
     layout: str | None = None,
     dtype: Any = None,
     allow_nonfinite: bool = False,
+    param_dtype: Any = None,
     **model_kwargs: Any,
 ):
     """Loads any checkpoint as a Flax model and its variables.
@@ -723,14 +789,20 @@ def load(
     Args:
         path: a ``.pth``/``.pt``/``.bin`` (torchvision, timm, a training
             run's checkpoint), ``.safetensors``, ``.npz``, Flax ``.msgpack``
-            file, or an Orbax checkpoint directory.
-        arch: the expected architecture (else inferred from keys and shapes).
+            file, or an Orbax checkpoint directory (also a
+            ``CheckpointManager`` step directory with one PyTree item).
+        arch: the architecture the file must hold (else inferred from keys
+            and shapes); a wrong one raises a ``ConversionError`` listing
+            the mismatching keys and shapes.
         layout: ``"torchvision"`` or ``"seed"`` for the returned variables
             (conv biases folded into BN or added as zeros); ``None`` keeps
             the file's.
-        dtype: cast floating leaves (``"float32"``, ``"bfloat16"``, a dtype).
+        dtype: the model's compute dtype (``ResNet.dtype``, e.g.
+            ``jnp.bfloat16`` for mixed precision), as in ``from_torch``.
         allow_nonfinite: accept NaN/Inf weights.
-        **model_kwargs: more ``ResNet`` attributes (``dtype``, ``precision``).
+        param_dtype: cast floating variables (``"float32"``, ``"bfloat16"``
+            or a dtype); ``None`` keeps the file's.
+        **model_kwargs: more ``ResNet`` attributes (``precision``, ...).
 
     Returns:
         ``(model, variables)``: a ``flax_resnet.ResNet`` and
@@ -738,11 +810,13 @@ def load(
     """
     from flax_resnet.model import ResNet
 
-    cfg, variables = load_variables(path, arch, layout, dtype, allow_nonfinite)
+    cfg, variables = load_variables(path, arch, layout, param_dtype, allow_nonfinite)
     kwargs: dict[str, Any] = {}
     dtypes = {np.asarray(v).dtype for v in _flatten(variables["params"]).values()}
     if len(dtypes) == 1:
         kwargs["param_dtype"] = dtypes.pop()
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     kwargs.update(model_kwargs)
     model = ResNet(arch=cfg.arch, num_classes=cfg.num_classes, conv_bias=cfg.conv_bias, **kwargs)
     return model, variables
