@@ -414,11 +414,12 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
         else:  # a seed-layout conv bias the bias-free source lacks
             like = np.asarray(flat[("params", *leaf.flax_path[:-1], "kernel")])
             out[leaf.torch_key] = np.zeros(leaf.torch_shape, like.dtype)
+        if leaf.torch_key.endswith(".running_var"):  # torch's key order
+            for name in IGNORED_BN_LEAVES:
+                out[f"{leaf.torch_key.rsplit('.', 1)[0]}.{name}"] = np.array(num_batches_tracked, dtype=np.int64)
     if has_bias and layout == "torchvision":
         target = {(leaf.collection, *leaf.flax_path): leaf.torch_key for leaf in leaves(cfg)}
         for conv, bn in conv_bn_pairs(get_arch(cfg.arch)):
             key = target[("batch_stats", *bn, "mean")]
             out[key] = out[key] - np.asarray(flat[("params", *conv, "bias")])
-    for p in bn_prefixes(cfg):
-        out[f"{p}.num_batches_tracked"] = np.array(num_batches_tracked, dtype=np.int64)
     return out
