@@ -243,14 +243,26 @@ class Checkpoint:
 
 
 def _orbax_item_dir(path: Path) -> Path | None:
-    """The directory holding an Orbax PyTree item: ``path`` or its only item subdirectory."""
+    """The directory holding an Orbax PyTree item.
+
+    ``path`` itself; or its only item subdirectory (a ``CheckpointManager``
+    step directory, ``step/<item>/``); or, for a ``CheckpointManager`` root
+    (numbered step directories), the latest step's item.
+    """
+    if not path.is_dir():
+        return None
     if (path / "_METADATA").is_file():
         return path
-    items = [d for d in sorted(path.iterdir()) if d.is_dir() and (d / "_METADATA").is_file()] if path.is_dir() else []
-    if len(items) == 1:  # a CheckpointManager step directory: step/<item>/
+    subdirs = [d for d in sorted(path.iterdir()) if d.is_dir()]
+    items = [d for d in subdirs if (d / "_METADATA").is_file()]
+    if len(items) == 1:
         return items[0]
     if (path / "_CHECKPOINT_METADATA").is_file() and (path / "manifest.ocdbt").exists():
         return path
+    steps = sorted((int(d.name), d) for d in subdirs if d.name.isdigit())
+    for _, d in reversed(steps):
+        if (d / "_CHECKPOINT_METADATA").is_file():
+            return _orbax_item_dir(d)
     return None
 
 
@@ -517,7 +529,7 @@ def _to_numpy_tree(tree: Any) -> Any:
 def _read_orbax(p: Path) -> Checkpoint:
     item = _orbax_item_dir(p)
     meta = {}
-    for d in dict.fromkeys((p, item)):
+    for d in dict.fromkeys((p, item.parent, item)):
         try:
             custom = json.loads((d / "_CHECKPOINT_METADATA").read_text()).get("custom_metadata") or {}
             meta = custom.get(ORBAX_META_KEY) or meta
@@ -531,6 +543,8 @@ def _read_orbax(p: Path) -> Checkpoint:
     except Exception as e:  # orbax/tensorstore raise many kinds
         raise CheckpointError(f"{p}: cannot restore the Orbax checkpoint ({type(e).__name__}: {_one_line(e, 160)})") from None
     variables, wrapper, extras = _find_variables(_to_numpy_tree(tree), p)
+    if item != p:  # report which item (and step) was read
+        wrapper = "/".join(x for x in (str(item.relative_to(p)), wrapper) if x)
     return Checkpoint(p, "orbax", "flax", variables, meta if isinstance(meta, dict) else {}, wrapper, extras)
 
 
@@ -995,8 +1009,8 @@ def _write_orbax(tmp: Path, variables: Mapping, meta: dict) -> None:
         ckptr.wait_until_finished()
 
 
-def _write(p: Path, fmt: str, r: Resolved, layout: str | None, force: bool, extra_meta: Mapping | None) -> dict:
-    """Writes resolved variables as ``fmt``; returns what was written."""
+def _write(p: Path, fmt: str, r: Resolved, layout: str | None, force: bool, extra_meta: Mapping | None, dtype=None) -> dict:
+    """Writes resolved variables as ``fmt`` (re-laid out, then cast to ``dtype``); returns what was written."""
     if layout is not None and layout not in OUTPUT_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(OUTPUT_LAYOUTS)}")
     if layout == "flax" and fmt == "pth":
@@ -1010,16 +1024,13 @@ def _write(p: Path, fmt: str, r: Resolved, layout: str | None, force: bool, extr
             cfg = dataclasses.replace(r.config, layout=layout)
         else:
             variables, cfg = r.variables, r.config
-        meta = _meta_for(cfg, variables, r.num_batches_tracked, extra_meta)
+        variables = _cast_tree(variables, dtype)
         flat = {f"{c}/" + "/".join(k): v for c in FLAX_COLLECTIONS for k, v in _flatten(variables.get(c, {})).items()}
-        out_layout = "flax"
     else:
-        layout = layout or r.config.layout
-        cfg = dataclasses.replace(r.config, layout=layout)
-        flat = _torch_state(r, layout)
-        variables = r.variables
-        meta = _meta_for(cfg, variables, r.num_batches_tracked, extra_meta)
-        out_layout = layout
+        cfg = dataclasses.replace(r.config, layout=layout or r.config.layout)
+        flat = _cast_tree(_torch_state(r, cfg.layout), dtype)  # fold seed biases in full precision, then cast
+        variables = _cast_tree(r.variables, dtype)
+    meta = _meta_for(cfg, variables, r.num_batches_tracked, extra_meta)
     with atomic_output(p, fmt, force) as tmp:
         if fmt == "msgpack":
             _write_msgpack(tmp, variables, meta)
@@ -1038,9 +1049,10 @@ def _write(p: Path, fmt: str, r: Resolved, layout: str | None, force: bool, extr
         "path": str(p),
         "format": fmt,
         "keys": "flax" if flax_keys else "torch",
-        "layout": out_layout if not flax_keys else cfg.layout,
+        "layout": cfg.layout,
         "arch": cfg.arch,
         "num_classes": cfg.num_classes,
+        "dtype": _tree_dtype(variables["params"]),
         "bytes": _path_bytes(p),
     }
 
@@ -1076,7 +1088,7 @@ def save(
         allow_nonfinite: write NaN/Inf weights instead of refusing.
 
     Returns:
-        ``{"path", "format", "keys", "layout", "arch", "num_classes", "bytes"}``.
+        ``{"path", "format", "keys", "layout", "arch", "num_classes", "dtype", "bytes"}``.
     """
     fmt = format or format_for_path(path)
     if fmt not in FORMATS:
@@ -1088,8 +1100,7 @@ def save(
     else:
         ck = Checkpoint(Path("<state_dict>"), "memory", "torch", normalize_state_dict(variables))
     r = resolve(ck, allow_nonfinite=allow_nonfinite)
-    r.variables = _cast_tree(r.variables, _dtype(dtype))
-    return _write(Path(path), fmt, r, layout, force, meta)
+    return _write(Path(path), fmt, r, layout, force, meta, _dtype(dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -1125,8 +1136,7 @@ def convert(
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(OUTPUT_LAYOUTS)}")
     ck = read(src)
     r = resolve(ck, arch, None, allow_nonfinite)
-    r.variables = _cast_tree(r.variables, dt)
-    out = _write(Path(dst), fmt, r, layout, force, {"source_format": ck.format})
+    out = _write(Path(dst), fmt, r, layout, force, {"source_format": ck.format}, dt)
     out.update(
         src=str(src),
         src_format=ck.format,
@@ -1135,7 +1145,6 @@ def convert(
         dst=out.pop("path"),
         num_params=_tree_size(r.variables["params"]),
         num_stats=_tree_size(r.variables.get("batch_stats", {})),
-        dtype=_tree_dtype(r.variables["params"]),
         wrapper=ck.wrapper,
         extras=ck.extras,
         prefix=ck.prefix,

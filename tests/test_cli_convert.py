@@ -431,11 +431,19 @@ def test_training_run_orbax_checkpoint(capsys, r18, tmp_path):
     with ocp.CheckpointManager(str(tmp_path / "ckpts"), item_names=("state", "meta")) as mgr:
         mgr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"epoch": 3})))
         mgr.wait_until_finished()
+        state["params"] = {**state["params"], "fc": {"kernel": state["params"]["fc"]["kernel"] * 2, "bias": state["params"]["fc"]["bias"]}}
+        mgr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"epoch": 7})))
+        mgr.wait_until_finished()
     step = tmp_path / "ckpts" / "3"
     rc, out, err = run(capsys, "convert", step, tmp_path / "trained.pth")
     assert rc == 0, err
-    assert "step" in out and "opt_state" in out  # reported as ignored
+    assert "from ['state']" in out and "step" in out and "opt_state" in out  # reported as ignored
     back = torch.load(tmp_path / "trained.pth", weights_only=True)
     for k, v in r18.items():
         if not k.endswith("num_batches_tracked"):
             assert torch.equal(back[k], v), k
+    # The manager's root directory: the latest step.
+    report = checkpoint.inspect(tmp_path / "ckpts")
+    assert report["ok"] and report["wrapper"] == "7/state" and report["arch"] == "resnet18"
+    _, v = checkpoint.load(tmp_path / "ckpts")
+    np.testing.assert_array_equal(v["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"] * 2)
