@@ -53,7 +53,6 @@ from flax_resnet.convert import (
     ModelConfig,
     _flatten,
     _to_numpy,
-    bn_prefixes,
     flax_to_torch,
     infer_config,
     infer_flax_config,

@@ -9,27 +9,35 @@ import sys
 from flax_resnet.archs import ARCHS
 
 CONVERT_EPILOG = """\
-output format (from DST):
-  X.msgpack       Flax variables, flax.serialization msgpack (plus a __meta__ entry)
-  X.safetensors   a torch state_dict (torchvision or seed keys, as --layout);
-                  --layout flax writes flattened Flax keys (params/layer1/0/conv1/kernel)
-  X.npz           like .safetensors, as numpy's .npz
-  X.pth, .pt, .bin  a torch state_dict (torch.save), loads into torchvision/timm with strict=True
-  X (no suffix)   an Orbax checkpoint directory (orbax StandardCheckpointer; existing
-                  directory or not)
+output format (from DST's suffix):
+  X.msgpack          Flax variables, flax.serialization msgpack (plus a __meta__ entry)
+  X.safetensors      a torch state_dict (torchvision or seed keys); with --layout flax,
+                     flattened Flax keys instead (params/layer1/0/conv1/kernel)
+  X.npz              like .safetensors, as numpy's .npz
+  X.pth / .pt / .bin a torch state_dict (torch.save); loads into torchvision/timm strictly
+  X (no suffix)      an Orbax checkpoint directory (StandardCheckpointer), existing or not
 
-SRC may be any of these, or a training checkpoint ({"state_dict": ...}, {"model": ...},
-{"model_state_dict": ...}, module. prefixes); its format is read from its content.
-.pth files are read with torch.load(weights_only=True): a pickle that would run code is refused.
+SRC: any of these (format read from the content, not the name), a training checkpoint
+({"state_dict": ...}, {"model": ...}, {"model_state_dict": ...}, with epoch/optimizer
+entries; module. prefixes), or an Orbax CheckpointManager step or root directory (latest
+step). .pth files are read with torch.load(weights_only=True) only: a pickle that would
+run code is refused and nothing in it runs. Only .pth in or out needs torch.
 
---layout: torchvision (bias-free convs, downsample) or seed (conv biases, identity_downsample);
-default: the source's. Exporting seed weights to torchvision folds each conv bias into the
-following BatchNorm's running_mean (exact in eval and train mode).
+--layout torchvision|seed: the output's layout (default: the source's). torchvision has
+bias-free convs and `downsample`; seed has conv biases and `identity_downsample`
+(resnet50/101/152). seed -> torchvision folds each conv bias into the next BatchNorm's
+running_mean (exact); torchvision -> seed adds zero biases.
+
+Writes are atomic (temporary file, then rename); an existing output is replaced only with
+--force. Refused, with one line on stderr and exit status 2: unsafe pickles, corrupt or
+truncated files, files that are not ResNet checkpoints, a wrong --arch (the mismatching
+keys and shapes are listed), NaN/Inf weights (unless --allow-nonfinite).
 
 examples:
   flax-resnet convert resnet50-0676ba61.pth resnet50.msgpack
   flax-resnet convert checkpoint.pth ckpt/resnet50 --dtype bfloat16
   flax-resnet convert resnet50.msgpack resnet50.safetensors --layout torchvision
+  flax-resnet inspect resnet50.safetensors
 """
 
 

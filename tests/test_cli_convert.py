@@ -129,7 +129,7 @@ def test_cli_outputs_by_suffix(capsys, good, tmp_path, r18):
 def test_cli_force_overwrites(capsys, good, tmp_path, r18):
     dst = tmp_path / "out.msgpack"
     dst.write_bytes(b"old")
-    line = assert_refused(capsys, ["convert", good, dst], "already exists", "--force")
+    assert_refused(capsys, ["convert", good, dst], "already exists", "--force")
     assert dst.read_bytes() == b"old"
     rc, _, err = run(capsys, "convert", good, dst, "--force")
     assert rc == 0, err
@@ -141,7 +141,6 @@ def test_cli_force_overwrites(capsys, good, tmp_path, r18):
     assert run(capsys, "convert", good, orb, "--force", "--dtype", "bfloat16")[0] == 0
     assert checkpoint.inspect(orb)["dtypes"] == {"bfloat16": 102}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    del line
 
 
 def test_inspect_reports(capsys, good, tmp_path, r18):
@@ -198,13 +197,12 @@ def test_malicious_pickle_is_refused_and_never_runs(capsys, tmp_path, r18, kind)
         assert marker.exists()
         marker.unlink()
     dst = tmp_path / "out.msgpack"
-    line = assert_refused(capsys, ["convert", src, dst], "refused", "exec, which", "nothing in the file was executed", dst=dst)
+    assert_refused(capsys, ["convert", src, dst], "refused", "exec, which", "nothing in the file was executed", dst=dst)
     assert not marker.exists()
     assert_refused(capsys, ["inspect", src], "refused")
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.load(src)
     assert not marker.exists()
-    del line
 
 
 def test_malicious_pickle_subprocess_exit_code(tmp_path):
@@ -321,7 +319,7 @@ def test_wrong_arch_lists_keys_and_shapes(capsys, good, tmp_path):
     # The same from a Flax source (keys named by their Flax paths).
     mp = tmp_path / "r18.msgpack"
     assert run(capsys, "convert", good, mp)[0] == 0
-    line = assert_refused(capsys, ["convert", mp, dst, "--arch", "resnet34"], "resnet34", "missing key(s)", "params/layer1/2/conv1/kernel", dst=dst)
+    assert_refused(capsys, ["convert", mp, dst, "--arch", "resnet34"], "resnet34", "missing key(s)", "params/layer1/2/conv1/kernel", dst=dst)
 
 
 def test_shape_mismatch(capsys, tmp_path, r18):
@@ -337,7 +335,7 @@ def test_shape_mismatch(capsys, tmp_path, r18):
     sd = dict(r18)
     sd["layer1.0.conv3.weight_typo"] = sd.pop("layer1.0.conv2.weight")
     torch.save(sd, src)
-    line = assert_refused(capsys, ["convert", src, dst], "1 missing key(s): layer1.0.conv2.weight", "1 unexpected key(s): layer1.0.conv3.weight_typo", dst=dst)
+    assert_refused(capsys, ["convert", src, dst], "1 missing key(s): layer1.0.conv2.weight", "1 unexpected key(s): layer1.0.conv3.weight_typo", dst=dst)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
