@@ -356,18 +356,19 @@ def run_parity(
         labels = np.random.default_rng(0).integers(0, cfg.num_classes, size=x.shape[0])
     labels = np.asarray(labels, np.int64)
     x64 = np.asarray(x, np.float64)
+    v1 = bool(getattr(torch_model, "stride_in_1x1", False))  # not visible in the weights
 
     with pinned_precision(precision):
         ref = _torch_side(copy.deepcopy(torch_model).double(), x64, labels, modes, steps)
         if dtype == "float64":
             with jax.enable_x64(True):
-                model, variables = flax_resnet.from_torch(copy.deepcopy(torch_model).double().state_dict())
+                model, variables = flax_resnet.from_torch(copy.deepcopy(torch_model).double().state_dict(), stride_in_1x1=v1)
                 flax = _flax_side(model, variables, x64, labels, cfg.layout, modes, steps)
             own = None
             rule = lambda mode, _: FP64_TOL[mode]  # noqa: E731
         else:
             own = _torch_side(copy.deepcopy(torch_model).float(), x64.astype(np.float32), labels, modes, steps, autocast_bf16=dtype == "bfloat16")
-            model, variables = flax_resnet.from_torch(sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None)
+            model, variables = flax_resnet.from_torch(sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None, stride_in_1x1=v1)
             flax = _flax_side(model, variables, x64.astype(np.float32), labels, cfg.layout, modes, steps)
             floor = BF16_FLOOR if dtype == "bfloat16" else FP32_FLOOR
             rule = lambda mode, torch_rel: max(2.0 * torch_rel, floor)  # noqa: E731

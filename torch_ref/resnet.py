@@ -74,7 +74,7 @@ class ResNet(nn.Module):
         super().__init__()
         spec = get_arch(arch)
         check_layout(spec, layout)
-        self.arch, self.layout = spec.name, layout
+        self.arch, self.layout, self.stride_in_1x1 = spec.name, layout, stride_in_1x1
         self.conv1 = _conv(ConvSpec(img_channels, STEM_CHANNELS, 7, 2, 3), bias=layout == "seed")
         self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
         self.relu = nn.ReLU()

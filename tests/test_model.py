@@ -1,0 +1,101 @@
+"""Flax model mechanics: BatchNorm rule, dtypes, parameter counts, padding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import flax_resnet
+from flax_resnet import ARCHS, TORCHVISION_PARAM_COUNTS, BatchNorm
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_flax_parameter_count(arch):
+    model = flax_resnet.ResNet(arch=arch)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    assert _count(shapes["params"]) == TORCHVISION_PARAM_COUNTS[arch]
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_batchnorm_train_step_matches_torch_exactly(n):
+    """Unbiased running_var update, biased normalization, momentum 0.1, in float64."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(n, 3, 4, 7))
+    tbn = torch.nn.BatchNorm2d(7).double()
+    with torch.no_grad():
+        tbn.weight.uniform_(0.5, 1.5), tbn.bias.normal_()
+        tbn.running_mean.normal_(), tbn.running_var.uniform_(0.5, 2)
+    variables = {
+        "params": {"scale": tbn.weight.detach().numpy().copy(), "bias": tbn.bias.detach().numpy().copy()},
+        "batch_stats": {"mean": tbn.running_mean.numpy().copy(), "var": tbn.running_var.numpy().copy()},
+    }
+    with jax.enable_x64(True):
+        y, new = BatchNorm().apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+        y_eval = BatchNorm().apply(variables, jnp.asarray(x), train=False)
+    with torch.no_grad():
+        t_eval = tbn.eval()(torch.from_numpy(x).permute(0, 3, 1, 2))
+        t = tbn.train()(torch.from_numpy(x).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(np.asarray(y), t.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(y_eval), t_eval.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(new["batch_stats"]["mean"]), tbn.running_mean.numpy(), rtol=1e-13)
+    np.testing.assert_allclose(np.asarray(new["batch_stats"]["var"]), tbn.running_var.numpy(), rtol=1e-13)
+    # Flax's stock BatchNorm would have used the biased variance.
+    m = n * 3 * 4
+    biased = 0.9 * variables["batch_stats"]["var"] + 0.1 * x.reshape(-1, 7).var(0)
+    assert np.max(np.abs(np.asarray(new["batch_stats"]["var"]) - biased)) > 1e-3 / m
+
+
+def test_batchnorm_axis_name_uses_global_batch():
+    x = np.random.default_rng(1).normal(size=(4, 2, 3, 5)).astype(np.float32)
+    bn = BatchNorm(axis_name="d")
+    v = bn.init(jax.random.key(0), x[:1], train=False)
+    pm = jax.vmap(lambda xi: bn.apply(v, xi, train=True, mutable=["batch_stats"]), axis_name="d")
+    y_sharded, new_sharded = pm(x.reshape(2, 2, 2, 3, 5))
+    y, new = BatchNorm().apply(v, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(y_sharded).reshape(y.shape), y, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new_sharded["batch_stats"]["var"][0]), new["batch_stats"]["var"], rtol=1e-6)
+
+
+def test_dtypes():
+    model = flax_resnet.resnet18(num_classes=10, dtype=jnp.bfloat16)
+    x = jnp.ones((2, 32, 32, 3))
+    v = model.init(jax.random.key(0), x)
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(v))  # param_dtype
+    logits, new = model.apply(v, x, train=True, mutable=["batch_stats"])
+    assert logits.dtype == jnp.float32  # logits come back in fp32
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(new))
+    feats = model.apply(v, x, method="features")
+    assert feats["layer4"].dtype == jnp.bfloat16 and feats["layer4"].shape == (2, 1, 1, 512)
+    with jax.enable_x64(True):  # float64 variables and inputs compute in float64
+        v64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v)
+        out = flax_resnet.resnet18(num_classes=10).apply(v64, np.ones((1, 32, 32, 3)))
+        assert out.dtype == jnp.float64
+
+
+def test_stride_two_padding_is_symmetric_like_torch():
+    """'SAME' would pad (0, 1) at stride 2 and shift every output by a pixel."""
+    model = flax_resnet.resnet18(num_classes=10)
+    x = np.zeros((1, 9, 9, 3), np.float32)
+    x[0, 0, 0] = 1.0  # only the top-left pixel is lit
+    v = model.init(jax.random.key(0), x)
+    k = np.asarray(v["params"]["conv1"]["kernel"])
+    conv = model.apply(v, x, method=lambda m, x: m.conv1(x))
+    # Output (0, 0) of a 7x7/2 conv with pad 3 sees input (0, 0) at kernel tap (3, 3).
+    np.testing.assert_allclose(np.asarray(conv)[0, 0, 0], k[3, 3].sum(0), rtol=1e-6)
+
+
+def test_features_and_train_keyword():
+    model = flax_resnet.resnet50(num_classes=7)
+    x = jnp.ones((2, 64, 64, 3))
+    v = model.init(jax.random.key(0), x)
+    feats = model.apply(v, x, method="features")
+    assert [k for k in feats] == ["stem", "layer1", "layer2", "layer3", "layer4", "pre_logits"]
+    assert feats["stem"].shape == (2, 16, 16, 64) and feats["layer4"].shape == (2, 2, 2, 2048)
+    assert model.apply(v, x).shape == (2, 7)
+    with pytest.raises(Exception):  # train=True without mutable batch_stats must not silently pass
+        model.apply(v, x, train=True)

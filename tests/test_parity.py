@@ -1,0 +1,182 @@
+"""Numerical parity with PyTorch, judged against float64 references.
+
+float32: Flax's error vs a float64 torch run is at most 2x torch fp32's own
+(the noise floor); float64: agreement to 1e-10 (eval) / 1e-9 (train, grad,
+steps) of the reference's magnitude. Everything runs under jax.jit.
+"""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+
+import flax_resnet
+from flax_resnet import ARCHS
+from parity import harness
+from parity.fixtures import images, reference_model
+
+DEPTHS = ["resnet50", "resnet101", "resnet152"]
+OTHER_ARCHS = [a for a in ARCHS if a not in DEPTHS]
+
+
+@functools.lru_cache(maxsize=None)
+def ref(arch, layout, num_classes=1000, img_channels=3, stride_in_1x1=False):
+    return reference_model(arch, layout, num_classes=num_classes, img_channels=img_channels, stride_in_1x1=stride_in_1x1)
+
+
+def check(report):
+    assert report.passed, "\n" + report.format()
+    return report
+
+
+def x_(b, c, h, w, seed=1):
+    return images(b, c, h, w, seed=seed).numpy()
+
+
+def _argmax_agrees(model, x):
+    """Flax fp32 argmax equals torch float64's."""
+    import torch
+
+    with torch.no_grad():
+        want = model.double()(torch.from_numpy(x).double()).argmax(1).numpy()
+    model.float()
+    fmodel, v = flax_resnet.from_torch(model.state_dict())
+    got = np.asarray(harness._jitted(fmodel, "eval")(v, x.transpose(0, 2, 3, 1))["logits"]).argmax(1)
+    np.testing.assert_array_equal(got, want)
+
+
+# --- the core matrix: depth x layout x dtype, eval + train + grad -----------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", ["torchvision", "seed"])
+@pytest.mark.parametrize("arch", DEPTHS)
+def test_depths_eval_train_grad(arch, layout, dtype):
+    model = ref(arch, layout)
+    r = check(harness.run_parity(model, x_(4, 3, 64, 64), modes=("eval", "train", "grad"), dtype=dtype))
+    logits = r.point("eval", "logits")
+    if dtype == "float64":
+        assert logits.rel <= 1e-10
+    else:
+        assert logits.rel <= 2 * logits.torch_rel or logits.rel <= harness.FP32_FLOOR
+    assert {p.mode for p in r.points} == {"eval", "train", "grad"}
+    assert any(p.name == "running_var layer4" for p in r.points)  # running stats were compared
+
+
+@pytest.mark.parametrize("arch", OTHER_ARCHS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_other_architectures_eval_train_grad(arch, dtype):
+    check(harness.run_parity(ref(arch, "torchvision"), x_(4, 3, 64, 64), modes=("eval", "train", "grad"), dtype=dtype))
+
+
+# --- inputs: full size, odd sizes, batch 1, other heads and channels --------
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "seed"])
+def test_resnet50_224(layout):
+    model = ref("resnet50", layout)
+    x = x_(2, 3, 224, 224)
+    check(harness.run_parity(model, x, modes=("eval",), dtype="float32"))
+    _argmax_agrees(model, x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_odd_size_batch_1(dtype):
+    check(harness.run_parity(ref("resnet50", "seed"), x_(1, 3, 97, 131), modes=("eval",), dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_one_channel_ten_classes(dtype):
+    model = ref("resnet50", "torchvision", num_classes=10, img_channels=1)
+    r = check(harness.run_parity(model, x_(4, 1, 75, 64), modes=("eval", "train", "grad"), dtype=dtype))
+    assert r.arch == "resnet50"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_v1_stride_in_1x1(dtype):
+    model = ref("resnet50", "torchvision", stride_in_1x1=True)
+    check(harness.run_parity(model, x_(2, 3, 64, 64), modes=("eval", "train"), dtype=dtype))
+
+
+# --- optimizer steps, reduced precision -------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "seed"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sgd_steps_keep_params_and_stats_together(layout, dtype):
+    r = check(harness.run_parity(ref("resnet50", layout), x_(4, 3, 64, 64), modes=("steps",), dtype=dtype, steps=3))
+    assert {p.name for p in r.points} >= {"param layer3", "running_var layer4", "param fc"}
+
+
+def test_bfloat16_within_twice_torch_autocast():
+    r = check(harness.run_parity(ref("resnet50", "torchvision"), x_(2, 3, 64, 64), modes=("eval", "train"), dtype="bfloat16"))
+    # bf16 is far from fp32 (so the comparison is not vacuous) yet bounded.
+    logits = r.point("eval", "logits")
+    assert 1e-4 < logits.rel < 0.1
+
+
+# --- the report names where parity breaks ------------------------------------
+
+
+def test_first_failure_names_the_broken_block(monkeypatch):
+    real = flax_resnet.from_torch
+
+    def broken(sd, **kw):
+        model, v = real(sd, **kw)
+        bn = v["batch_stats"]["layer3"]["1"]["bn2"]
+        bn["mean"], bn["var"] = bn["var"], bn["mean"]  # swap two stats of one BN
+        return model, v
+
+    monkeypatch.setattr(flax_resnet, "from_torch", broken)
+    r = harness.run_parity(ref("resnet50", "torchvision"), x_(2, 3, 64, 64), modes=("eval",), dtype="float32")
+    assert not r.passed
+    assert (r.first_failure.mode, r.first_failure.name) == ("eval", "layer3.1")
+    assert all(p.passed for p in r.points[: r.points.index(r.first_failure)])
+    assert "FAIL: first failure at eval layer3.1" in r.format()
+
+
+# --- the command --------------------------------------------------------------
+
+
+def test_cli_json_and_exit_codes(capsys, monkeypatch):
+    from flax_resnet.cli import main
+
+    assert main(["parity", "--arch", "resnet18", "--size", "64", "64", "--batch", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["arch"] == "resnet18" and report["points"][-1]["name"] == "logits"
+
+    assert main(["parity", "--arch", "resnet18", "--layout", "seed"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "layout 'seed' exists only for resnet50/101/152" in err
+    assert main(["parity", "--weights", "/nonexistent/weights.pth"]) == 2
+    assert "/nonexistent/weights.pth" in capsys.readouterr().err
+
+    real = flax_resnet.from_torch
+
+    def broken(sd, **kw):
+        model, v = real(sd, **kw)
+        v["params"]["fc"]["bias"] = v["params"]["fc"]["bias"] + 1.0
+        return model, v
+
+    monkeypatch.setattr(flax_resnet, "from_torch", broken)
+    assert main(["parity", "--arch", "resnet18", "--size", "64", "64", "--batch", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: first failure at eval logits" in out
+
+
+def test_python_m_parity_with_weights_file(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    path = tmp_path / "r18.pth"
+    torch.save(ref("resnet18", "torchvision").state_dict(), path)
+    out = subprocess.run(
+        [sys.executable, "-m", "parity", "--weights", str(path), "--size", "64", "64", "--batch", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "resnet18 (torchvision layout)" in out.stdout and "PASS" in out.stdout
