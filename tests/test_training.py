@@ -1,0 +1,360 @@
+"""Mechanics of ``flax_resnet.training`` / ``data`` / the ``train`` command on tiny configs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import flax_resnet
+from flax_resnet import data, training
+from flax_resnet.cli import main as cli_main
+
+# ----------------------------------------------------------------- fixtures
+
+SHAPE = (16, 16, 3)  # tiny images: compile time is the cost, not FLOPs
+N_CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A resnet18 with 4 classes, its variables, a fixed optimizer and a batch."""
+    model = flax_resnet.resnet18(num_classes=N_CLASSES)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1,) + SHAPE))
+    tx = training.make_optimizer(batch_size=8, steps_per_epoch=2, epochs=2, lr=0.05, warmup_epochs=0.5)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(16,) + SHAPE).astype(np.float32)
+    labels = rng.integers(0, N_CLASSES, size=16).astype(np.int32)
+    return model, variables, tx, images, labels
+
+
+def _tree_max_diff(a, b) -> float:
+    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0)), a, b)
+    return max(jax.tree.leaves(diffs), default=0.0)
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----------------------------------------------------------------- optimizer
+
+
+def _toy_params():
+    rng = np.random.default_rng(1)
+    return {
+        "conv1": {"kernel": rng.normal(size=(3, 3, 2, 4))},
+        "bn1": {"scale": 1 + 0.1 * rng.normal(size=4), "bias": rng.normal(size=4)},
+        "fc": {"kernel": rng.normal(size=(4, 3)), "bias": rng.normal(size=3)},
+    }
+
+
+def _toy_loss(p, t):
+    # A non-separable smooth loss over every leaf; targets t of the same structure.
+    s = sum(jnp.sum(jnp.sin(x) * tt + 0.5 * (x - tt) ** 2) for x, tt in zip(jax.tree.leaves(p), jax.tree.leaves(t)))
+    return s + 0.1 * jnp.sum(p["fc"]["kernel"]) * jnp.sum(p["bn1"]["scale"])
+
+
+@pytest.mark.parametrize("decay_bn_and_bias,nesterov,schedule", [(True, False, "cosine"), (False, True, "step")])
+def test_optimizer_equals_torch_sgd(decay_bn_and_bias, nesterov, schedule):
+    torch = pytest.importorskip("torch")
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, _toy_params())
+        targets = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(2).normal(size=x.shape)), params)
+        steps_per_epoch, epochs = 3, 4
+        kw = dict(batch_size=512, steps_per_epoch=steps_per_epoch, epochs=epochs, weight_decay=1e-2, warmup_epochs=1,
+                  schedule=schedule, step_epochs=(2, 3), decay_bn_and_bias=decay_bn_and_bias, nesterov=nesterov)
+        tx = training.make_optimizer(**kw)
+        sched = training.make_schedule(training.paper_lr(512), steps_per_epoch, epochs, warmup_epochs=1, schedule=schedule, step_epochs=(2, 3))
+        assert training.paper_lr(512) == pytest.approx(0.2)
+
+        # torch: per-step LambdaLR with the same schedule; BN/bias excluded via param groups.
+        names = [("conv1", "kernel"), ("bn1", "scale"), ("bn1", "bias"), ("fc", "kernel"), ("fc", "bias")]
+        tp = {n: torch.tensor(np.asarray(params[n[0]][n[1]]), requires_grad=True) for n in names}
+        if decay_bn_and_bias:
+            groups = [{"params": list(tp.values())}]
+        else:
+            groups = [
+                {"params": [tp[n] for n in names if n[1] == "kernel"]},
+                {"params": [tp[n] for n in names if n[1] != "kernel"], "weight_decay": 0.0},
+            ]
+        opt = torch.optim.SGD(groups, lr=0.2, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(sched(s)) / 0.2)
+
+        def torch_loss():
+            p = {"conv1": {"kernel": tp[names[0]]}, "bn1": {"scale": tp[names[1]], "bias": tp[names[2]]},
+                 "fc": {"kernel": tp[names[3]], "bias": tp[names[4]]}}
+            tt = jax.tree.map(lambda x: torch.tensor(np.asarray(x)), targets)
+            s = sum(torch.sum(torch.sin(x) * t + 0.5 * (x - t) ** 2) for x, t in zip(jax.tree.leaves(p), jax.tree.leaves(tt)))
+            return s + 0.1 * torch.sum(p["fc"]["kernel"]) * torch.sum(p["bn1"]["scale"])
+
+        state = tx.init(params)
+        grad = jax.jit(jax.grad(_toy_loss))
+        for _ in range(steps_per_epoch * epochs):
+            updates, state = tx.update(grad(params, targets), state, params)
+            params = optax.apply_updates(params, updates)
+            opt.zero_grad()
+            torch_loss().backward()
+            opt.step()
+            lr_sched.step()
+        for n in names:
+            np.testing.assert_allclose(np.asarray(params[n[0]][n[1]]), tp[n].detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_schedule_shapes():
+    s = training.make_schedule(1.0, steps_per_epoch=10, epochs=10, warmup_epochs=2)
+    assert [float(s(k)) for k in (0, 9, 19, 20)] == pytest.approx([0.05, 0.5, 1.0, 1.0])
+    assert float(s(60)) == pytest.approx(0.5 * (1 + np.cos(np.pi * 40 / 80)))
+    assert float(s(100)) == pytest.approx(0.0, abs=1e-7)
+    st = training.make_schedule(1.0, steps_per_epoch=10, epochs=90, schedule="step")
+    assert [float(st(k)) for k in (0, 299, 300, 600, 800)] == pytest.approx([1, 1, 0.1, 0.01, 0.001])
+    with pytest.raises(ValueError, match="unknown schedule"):
+        training.make_schedule(1.0, 1, 1, schedule="linear")
+
+
+def test_weight_decay_mask_excludes_bn_and_bias():
+    model = flax_resnet.resnet18(num_classes=10, conv_bias=True)
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    mask = jax.tree_util.tree_leaves_with_path(training.decay_mask(params))
+    flat = {jax.tree_util.keystr(p): m for p, m in mask}
+    assert flat["['conv1']['kernel']"] and flat["['fc']['kernel']"] and flat["['layer1']['0']['conv2']['kernel']"]
+    assert not flat["['conv1']['bias']"] and not flat["['fc']['bias']"]
+    assert not flat["['bn1']['scale']"] and not flat["['bn1']['bias']"] and not flat["['layer2']['0']['downsample']['1']['scale']"]
+    # Every decayed leaf is a kernel (ndim > 1); every 1-D leaf is excluded.
+    shapes = {jax.tree_util.keystr(p): x.ndim for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    assert all(flat[k] == (shapes[k] > 1) for k in flat)
+    # And the optimizer leaves them undecayed: with zero grads only kernels move.
+    tx = training.make_optimizer(lr=1.0, weight_decay=0.5, decay_bn_and_bias=False, momentum=0.0)
+    p = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
+    upd, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+    moved = {jax.tree_util.keystr(k): bool(jnp.any(u != 0)) for k, u in jax.tree_util.tree_leaves_with_path(upd)}
+    assert moved == flat
+
+
+def test_cross_entropy_label_smoothing_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 5)).astype(np.float32) * 3
+    labels = rng.integers(0, 5, size=6)
+    for eps in (0.0, 0.1, 0.3):
+        ours = np.asarray(training.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), eps).mean())
+        ref = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels), label_smoothing=eps).item()
+        assert ours == pytest.approx(ref, rel=1e-6)
+    bf = training.cross_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(labels))
+    assert bf.dtype == jnp.float32
+
+
+# --------------------------------------------------------------- train steps
+
+
+def test_train_step_updates_params_and_torch_bn_stats(tiny):
+    model, variables, tx, images, labels = tiny
+    state = training.create_train_state(model, variables, tx)
+    new, m = training.train_step(state, images[:8], labels[:8])
+    assert int(new.step) == 1 and m["loss"].dtype == jnp.float32 and 0 <= float(m["accuracy"]) <= 1
+    # The stem BN's running stats follow torch's rule: unbiased variance, momentum 0.1.
+    y = jax.lax.conv_general_dilated(
+        jnp.asarray(images[:8]), variables["params"]["conv1"]["kernel"], (2, 2), ((3, 3), (3, 3)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    mean, var = y.mean((0, 1, 2)), y.var((0, 1, 2), ddof=1)
+    np.testing.assert_allclose(new.batch_stats["bn1"]["mean"], 0.1 * mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(new.batch_stats["bn1"]["var"], 0.9 + 0.1 * var, rtol=1e-4, atol=1e-6)
+    assert _tree_max_diff(new.params, state.params) > 0
+    sums = training.eval_step(new, images, labels)
+    assert float(sums["count"]) == 16
+    ev = training.evaluate(new, images, labels, batch_size=6)  # 6 + 6 + 4 (padded, masked)
+    assert ev["count"] == 16
+    assert ev["loss"] == pytest.approx(float(sums["loss"]) / 16, rel=1e-5)
+    assert ev["accuracy"] == pytest.approx(float(sums["correct"]) / 16)
+
+
+def test_bfloat16_step_keeps_float32_params_and_stats(tiny):
+    model, variables, tx, images, labels = tiny
+    bf_model = model.clone(dtype=jnp.bfloat16)
+    state = training.create_train_state(bf_model, variables, tx)
+    new, m = training.train_step(state, images[:8], labels[:8])
+    for tree in (new.params, new.batch_stats, new.opt_state):
+        for leaf in jax.tree.leaves(tree):
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                assert leaf.dtype == jnp.float32
+    assert m["loss"].dtype == jnp.float32 and np.isfinite(float(m["loss"]))
+    # bf16 compute really happens: the logits differ from float32 ones, a little.
+    f32 = model.apply(variables, images[:8])
+    bf = bf_model.apply(variables, images[:8])
+    assert bf.dtype == jnp.float32
+    d = float(jnp.max(jnp.abs(f32 - bf)))
+    assert 0 < d < 0.1 * float(jnp.max(jnp.abs(f32))) + 0.1
+
+
+def test_replace_head_and_frozen_backbone(tiny):
+    model, variables, _, images, labels = tiny
+    model7, v7 = training.replace_head(model, variables, 7, jax.random.key(3))
+    assert model7.num_classes == 7 and v7["params"]["fc"]["kernel"].shape == (512, 7)
+    assert v7["params"]["fc"]["bias"].shape == (7,)
+    _assert_trees_equal({k: v for k, v in v7["params"].items() if k != "fc"}, {k: v for k, v in variables["params"].items() if k != "fc"})
+    tx = training.make_optimizer(lr=0.5, steps_per_epoch=1, epochs=1, freeze_backbone=True)
+    state = training.create_train_state(model7, v7, tx, frozen_backbone=True)
+    new, _ = training.train_step(state, images[:8], labels[:8] % 7)
+    _assert_trees_equal({k: v for k, v in new.params.items() if k != "fc"}, {k: v for k, v in state.params.items() if k != "fc"})
+    _assert_trees_equal(new.batch_stats, state.batch_stats)
+    assert _tree_max_diff(new.params["fc"], state.params["fc"]) > 0
+    # Frozen params keep no optimizer state (no momentum buffers for the backbone).
+    n_state = sum(x.size for x in jax.tree.leaves(new.opt_state))
+    assert n_state < 512 * 7 * 2 + 100
+
+
+def test_load_pretrained_replaces_head(tiny, tmp_path):
+    ckpt = pytest.importorskip("flax_resnet.checkpoint")
+    model, variables, *_ = tiny
+    path = tmp_path / "r18.msgpack"
+    ckpt.save(path, jax.device_get(variables))
+    m2, v2 = training.load_pretrained(path, num_classes=3, dtype=jnp.bfloat16)
+    assert m2.num_classes == 3 and m2.dtype == jnp.bfloat16 and m2.spec.name == "resnet18"
+    assert v2["params"]["fc"]["kernel"].shape == (512, 3)
+    np.testing.assert_array_equal(v2["params"]["layer4"]["1"]["conv2"]["kernel"], variables["params"]["layer4"]["1"]["conv2"]["kernel"])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_resume_equals_uninterrupted(tiny, tmp_path):
+    model, variables, tx, images, labels = tiny
+    kw = dict(batch_size=8, seed=5, max_shift=2)
+
+    def fresh():
+        return training.create_train_state(model, variables, tx)
+
+    full = fresh()
+    for epoch in range(2):
+        full, _ = training.train_epoch(full, images, labels, epoch=epoch, **kw)
+
+    half = fresh()
+    half, _ = training.train_epoch(half, images, labels, epoch=0, **kw)
+    with training.Checkpointer(tmp_path / "ckpt") as ck:
+        ck.save(1, half, {"seed": 5})
+        assert ck.latest_epoch() == 1
+    del half
+    with training.Checkpointer(tmp_path / "ckpt") as ck:
+        resumed, meta = ck.restore(fresh())
+    assert meta == {"epoch": 1, "seed": 5} and int(resumed.step) == 2
+    resumed, _ = training.train_epoch(resumed, images, labels, epoch=meta["epoch"], **kw)
+    assert int(resumed.step) == int(full.step) == 4
+    _assert_trees_equal(resumed.params, full.params)
+    _assert_trees_equal(resumed.batch_stats, full.batch_stats)
+    _assert_trees_equal(resumed.opt_state, full.opt_state)
+
+
+# ----------------------------------------------------------------------- data
+
+
+def test_digits_dataset():
+    ds = data.load_digits()
+    assert ds.image_shape == (32, 32, 1) and ds.num_classes == 10
+    assert len(ds.train_labels) == 1437 and len(ds.test_labels) == 360
+    assert np.bincount(ds.test_labels).min() >= 35  # stratified
+    assert abs(float(ds.train_images.mean())) < 1e-4 and abs(float(ds.train_images.std()) - 1) < 1e-3
+    b1 = [y for _, y in data.batches(ds.train_images, ds.train_labels, 100, seed=1, epoch=3)]
+    b2 = [y for _, y in data.batches(ds.train_images, ds.train_labels, 100, seed=1, epoch=3)]
+    b3 = [y for _, y in data.batches(ds.train_images, ds.train_labels, 100, seed=1, epoch=4)]
+    assert len(b1) == 14 and all(np.array_equal(a, b) for a, b in zip(b1, b2))
+    assert not np.array_equal(b1[0], b3[0])
+    x = np.arange(2 * 5 * 5, dtype=np.float32).reshape(2, 5, 5, 1)
+    shifted = data.random_shift(x, np.random.default_rng(0), 1)
+    assert shifted.shape == x.shape and not np.array_equal(shifted, x)
+
+
+def _write_npz(path, n=48, size=12, classes=3, **extra):
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % classes
+    images = (rng.random((n, size, size)) * 60 + labels[:, None, None] * 60).astype(np.uint8)
+    np.savez(path, images=images, labels=labels, **extra)
+    return path
+
+
+def test_load_npz(tmp_path):
+    ds = data.load_npz(_write_npz(tmp_path / "d.npz"), size=16)
+    assert ds.image_shape == (16, 16, 1) and ds.num_classes == 3
+    assert len(ds.train_labels) + len(ds.test_labels) == 48
+    np.savez(tmp_path / "bad.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="lacks key"):
+        data.load_npz(tmp_path / "bad.npz")
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def test_cli_tiny_run_writes_metrics_plot_checkpoints_and_resumes(tmp_path, capsys):
+    npz = _write_npz(tmp_path / "tiny.npz")
+    work = tmp_path / "run"
+    def argv(epochs):
+        return ["train", "--arch", "resnet18", "--dataset", str(npz), "--size", "16", "--epochs", str(epochs),
+                "--batch-size", "12", "--workdir", str(work), "--lr", "0.05", "--progress", "off"]
+
+    assert cli_main(argv(1)) == 0
+    lines = (work / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    for key in ("epoch", "train_loss", "test_loss", "test_accuracy", "images_per_sec"):
+        assert key in rec
+    assert rec["epoch"] == 1 and np.isfinite(rec["train_loss"]) and rec["images_per_sec"] > 0
+    assert (work / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (work / "checkpoints" / "1").is_dir()
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["epochs"] == 1
+    # Rerunning with more epochs resumes after epoch 1.
+    assert cli_main(argv(2)) == 0
+    recs = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert "resuming after epoch 1" in capsys.readouterr().err
+
+
+def test_cli_init_and_freeze(tiny, tmp_path):
+    ckpt = pytest.importorskip("flax_resnet.checkpoint")
+    model, variables, *_ = tiny
+    init = tmp_path / "r18.msgpack"
+    ckpt.save(init, jax.device_get(variables))
+    npz = _write_npz(tmp_path / "tiny.npz", size=16)  # grey images: repeated to the checkpoint's 3 channels
+    work = tmp_path / "ft"
+    argv = ["train", "--dataset", str(npz), "--epochs", "1", "--batch-size", "12", "--workdir", str(work),
+            "--init", str(init), "--freeze-backbone", "--progress", "off"]
+    assert cli_main(argv) == 0
+    rec = json.loads((work / "metrics.jsonl").read_text())
+    assert rec["epoch"] == 1
+    # Only fc changed in the saved state.
+    state = training.create_train_state(
+        *training.replace_head(model, variables, 3, jax.random.key(0)),
+        training.make_optimizer(freeze_backbone=True), frozen_backbone=True)
+    with training.Checkpointer(work / "checkpoints") as ck:
+        restored, _ = ck.restore(state)
+    _assert_trees_equal(restored.params["layer3"], variables["params"]["layer3"])
+    _assert_trees_equal(restored.batch_stats, variables["batch_stats"])
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--arch", "resnet51"], "unknown architecture 'resnet51'"),
+        (["--dataset", "/nonexistent/x.npz"], "no such dataset file"),
+        (["--dataset", "BADNPZ"], "lacks key(s) images, labels"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--init", "/nonexistent.pth"], "no such checkpoint"),
+        (["--freeze-backbone"], "needs --init"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(extra, needle, tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((3, 4, 4)), y=np.zeros(3))
+    extra = [str(bad) if e == "BADNPZ" else e for e in extra]
+    rc = cli_main(["train", "--workdir", str(tmp_path / "w"), "--epochs", "1"] + extra)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("flax-resnet train: error:")
+    assert needle in err
