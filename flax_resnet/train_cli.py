@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-DEFAULTS = dict(epochs=10, batch_size=64, warmup_epochs=1.0, max_shift=2, seed=0)
+DEFAULTS = dict(epochs=12, batch_size=64, warmup_epochs=1.0, max_shift=2, seed=0)
 
 
 def register(subparsers) -> None:
@@ -101,7 +101,7 @@ def _request_devices(k: int | None) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={k}".strip()
 
 
-def plot_curves(records: list[dict], path: str) -> None:
+def plot_curves(records: list[dict], path: str, title: str | None = None) -> None:
     """Loss (train, test) and test accuracy against epoch, as a PNG."""
     import matplotlib
 
@@ -124,6 +124,8 @@ def plot_curves(records: list[dict], path: str) -> None:
     a2.set_ylabel("accuracy (%)")
     a2.legend()
     a2.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
@@ -214,25 +216,32 @@ def run(args: argparse.Namespace) -> int:
         step_epochs=args.step_epochs_list,
         freeze_backbone=args.freeze_backbone,
     )
-    state = training.create_train_state(
-        model,
-        variables if variables is not None else init_rng,
-        tx,
-        input_shape=(1,) + ds.image_shape,
-        frozen_backbone=args.freeze_backbone,
-    )
     mesh = None
     if args.devices:
         try:
             mesh = training.make_mesh(args.devices)
         except ValueError as e:
             raise _usage(str(e)) from None
-        state = training.replicate(state, mesh)
 
     os.makedirs(args.workdir, exist_ok=True)
     metrics_path = os.path.join(args.workdir, "metrics.jsonl")
     plot_path = os.path.join(args.workdir, "curves.png")
     ckpt = training.Checkpointer(os.path.join(args.workdir, "checkpoints"), max_to_keep=args.keep_checkpoints)
+    resume = not args.no_resume and ckpt.latest_epoch() is not None
+
+    def new_state():
+        return training.create_train_state(
+            model,
+            variables if variables is not None else init_rng,
+            tx,
+            input_shape=(1,) + ds.image_shape,
+            frozen_backbone=args.freeze_backbone,
+        )
+
+    # Resuming needs only the state's structure: skip initializing weights.
+    state = jax.eval_shape(new_state) if resume else new_state()
+    if mesh is not None and not resume:
+        state = training.replicate(state, mesh)
     config = {
         "arch": model.spec.name,
         "dataset": ds.name,
@@ -242,9 +251,11 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
     }
     start_epoch = 0
-    if not args.no_resume and ckpt.latest_epoch() is not None:
+    if resume:
         try:
-            state, meta = ckpt.restore(state)
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            state, meta = ckpt.restore(state, sharding=NamedSharding(mesh, PartitionSpec()) if mesh is not None else None)
         except Exception as e:  # noqa: BLE001 - a mismatched workdir is a usage error
             raise _usage(f"cannot resume from {ckpt.directory} ({type(e).__name__}); use --no-resume or another --workdir") from None
         diff = {k: (meta.get("config", {}).get(k), v) for k, v in config.items() if meta.get("config", {}).get(k) not in (None, v) and k != "epochs"}
@@ -314,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
         if main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            plot_curves(records, plot_path)
+            plot_curves(records, plot_path, f"{model.spec.name} on {ds.name} (batch {args.batch_size}, {args.dtype})")
             print(
                 f"epoch {epoch + 1}/{args.epochs}: train loss {tm['train_loss']:.4f}, test loss {ev['loss']:.4f}, "
                 f"test acc {100 * ev['accuracy']:.2f}%, {tm['images_per_sec']:.1f} img/s, {tm['seconds']:.1f}s",

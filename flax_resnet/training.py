@@ -267,16 +267,21 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits, targets)
 
 
-@functools.partial(jax.jit, static_argnames=("label_smoothing",))
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
     """One SGD step on a batch; returns ``(new_state, {"loss", "accuracy"})``.
 
-    BatchNorm runs in train mode (batch statistics, running stats updated
-    with torch's rule) unless ``state.frozen_backbone``. Loss and metrics are
-    float32 whatever the compute dtype. With a sharded batch and a
-    replicated state (``shard_batch`` / ``replicate``) this one function is
-    the data-parallel step.
+    Jitted (compiled once per state structure and batch shape). BatchNorm
+    runs in train mode (batch statistics, running stats updated with torch's
+    rule) unless ``state.frozen_backbone``. Loss and metrics are float32
+    whatever the compute dtype. With a sharded batch and a replicated state
+    (``shard_batch`` / ``replicate``) this one function is the data-parallel
+    step.
     """
+    return _train_step(state, images, labels, float(label_smoothing))
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_smoothing: float):
     bn_train = not state.frozen_backbone
 
     def loss_fn(params):
@@ -565,8 +570,12 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_si
 # ------------------------------------------------------------------- checkpoints
 
 
-def _abstract(tree: PyTree) -> PyTree:
+def _abstract(tree: PyTree, sharding=None) -> PyTree:
+    default = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
     def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or default)
         x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
@@ -622,8 +631,14 @@ class Checkpointer:
     def all_epochs(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def restore(self, state: TrainState, epoch: int | None = None) -> tuple[TrainState, dict]:
-        """``(state, meta)`` of checkpoint ``epoch`` (default: the latest) into ``state``'s structure."""
+    def restore(self, state: TrainState, epoch: int | None = None, sharding=None) -> tuple[TrainState, dict]:
+        """``(state, meta)`` of checkpoint ``epoch`` (default: the latest) into ``state``'s structure.
+
+        ``state`` may be abstract, ``jax.eval_shape(lambda: create_train_state(...))``,
+        which skips initializing weights that are about to be overwritten; its
+        leaves are then placed with ``sharding`` (default: the first device;
+        pass ``NamedSharding(mesh, P())`` to restore replicated).
+        """
         ocp = self._ocp
         if epoch is None:
             epoch = self.latest_epoch()
@@ -632,7 +647,7 @@ class Checkpointer:
         restored = self.manager.restore(
             int(epoch),
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(self._items(state))), meta=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(_abstract(self._items(state), sharding)), meta=ocp.args.JsonRestore()
             ),
         )
         items = restored["state"]
