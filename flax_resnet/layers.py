@@ -54,22 +54,36 @@ class BatchNorm(nn.Module):
             n = 1
             for a in axes:
                 n *= x.shape[a]
-            mean = jnp.mean(xs, axes)
+            # Shifted two-pass statistics: a first mean, then the mean and
+            # square of the deviations from it. In float32 this is as accurate
+            # as torch's CPU kernels, which accumulate in float64; a plain
+            # float32 mean loses digits where |mean| >> std, and train-mode
+            # gradients divide by that std.
+            shift = jax.lax.stop_gradient(jnp.mean(xs, axes))
             if self.axis_name is not None:
-                mean = jax.lax.pmean(mean, self.axis_name)
+                shift = jax.lax.pmean(shift, self.axis_name)
                 n = n * jax.lax.psum(1, self.axis_name)
-            var = jnp.mean(jnp.square(xs - mean), axes)
+            d = xs - shift
+            moments = jnp.stack([jnp.mean(d, axes), jnp.mean(jnp.square(d), axes)])
             if self.axis_name is not None:
-                var = jax.lax.pmean(var, self.axis_name)
+                moments = jax.lax.pmean(moments, self.axis_name)
+            mean = shift + moments[0]
+            var = jnp.maximum(moments[1] - jnp.square(moments[0]), 0.0)
+            centered = d - moments[0]
             if not self.is_initializing():
                 m = self.momentum
                 unbiased = var * (n / (n - 1))
                 ra_mean.value = (m * ra_mean.value + (1 - m) * mean).astype(ra_mean.value.dtype)
                 ra_var.value = (m * ra_var.value + (1 - m) * unbiased).astype(ra_var.value.dtype)
-        else:
-            mean, var = ra_mean.value.astype(stat_dtype), ra_var.value.astype(stat_dtype)
+            # Normalize the centered input: autodiff of the folded form
+            # x * alpha + beta would sum dy * x before subtracting the mean,
+            # which cancels catastrophically in float32 where |mean| >> std
+            # (torch's hand-written backward also works with centered x).
+            alpha = scale.astype(stat_dtype) * jax.lax.rsqrt(var + self.epsilon)
+            return (centered * alpha + bias.astype(stat_dtype)).astype(out_dtype)
 
-        # torch's kernels form the same affine map: y = x * alpha + beta.
+        # Eval: torch's inference kernel's affine map, y = x * alpha + beta.
+        mean, var = ra_mean.value.astype(stat_dtype), ra_var.value.astype(stat_dtype)
         alpha = scale.astype(stat_dtype) * jax.lax.rsqrt(var + self.epsilon)
         beta = bias.astype(stat_dtype) - mean * alpha
         return (xs * alpha + beta).astype(out_dtype)

@@ -12,8 +12,15 @@ Every comparison is relative to a float64 torch run of the same model:
   precision (``torch.autocast`` bfloat16; TF32 allowed), never tighter than
   ``BF16_FLOOR``/``FP32_FLOOR``.
 
-Errors are ``max|flax - ref| / max|ref|`` per point. Points are reported in
-network order, so the first failing one says where parity broke.
+Errors are ``max|flax - ref| / max|ref|`` per point. Gradients and optimizer
+steps in reduced precision use the 99th percentile of ``|flax - ref|`` per
+tensor instead of the max: a gradient through ReLU is discontinuous, and
+where an activation lies within fp32 rounding of zero, either framework's
+fp32 run can land on the other side of the kink and change one channel's
+gradient by O(1) (torch's own fp32 run does so too). Those isolated flips are
+rounding, not structure; float64 (max, 1e-9) is what proves the structure.
+Points are reported in network order, so the first failing one says where
+parity broke.
 """
 
 from __future__ import annotations
@@ -301,7 +308,14 @@ def _group(key: str) -> str:
     return f"{kind} {top}"
 
 
-def _points(mode: str, ref: dict, flax: dict, own: dict | None, tol_rule) -> list[Point]:
+def _err(a: np.ndarray, ref: np.ndarray, robust: bool) -> float:
+    if not ref.size:
+        return 0.0
+    d = np.abs(a.astype(np.float64) - ref)
+    return float(np.quantile(d, 0.99) if robust else np.max(d))
+
+
+def _points(mode: str, ref: dict, flax: dict, own: dict | None, tol_rule, robust: bool = False) -> list[Point]:
     """Per-point errors; keyed tensors ('grad:...', 'stat:...') are grouped by stage."""
     groups: dict[str, list[str]] = {}
     for k in ref:
@@ -309,11 +323,13 @@ def _points(mode: str, ref: dict, flax: dict, own: dict | None, tol_rule) -> lis
     points = []
     for name, keys in groups.items():
         scale = max(float(np.max(np.abs(ref[k]))) if ref[k].size else 0.0 for k in keys) or 1.0
-        errs = {k: float(np.max(np.abs(flax[k].astype(np.float64) - ref[k]))) if ref[k].size else 0.0 for k in keys}
+        # Running stats are not behind a kink of this step's gradient; params are.
+        rob = robust and not name.startswith("running_")
+        errs = {k: _err(flax[k], ref[k], rob) for k in keys}
         worst = max(errs, key=errs.get)
         torch_rel = None
         if own is not None:
-            torch_rel = max(float(np.max(np.abs(own[k].astype(np.float64) - ref[k]))) if ref[k].size else 0.0 for k in keys) / scale
+            torch_rel = max(_err(own[k], ref[k], rob) for k in keys) / scale
         points.append(Point(mode, name, errs[worst], errs[worst] / scale, tol_rule(mode, torch_rel), torch_rel, worst if len(keys) > 1 else None))
     return points
 
@@ -375,5 +391,6 @@ def run_parity(
 
     points: list[Point] = []
     for mode in modes:
-        points += _points(mode, ref[mode], flax[mode], own[mode] if own else None, rule)
+        robust = dtype != "float64" and mode in ("grad", "steps")
+        points += _points(mode, ref[mode], flax[mode], own[mode] if own else None, rule, robust)
     return Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), describe_devices(), points)

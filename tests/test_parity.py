@@ -180,3 +180,25 @@ def test_python_m_parity_with_weights_file(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "resnet18 (torchvision layout)" in out.stdout and "PASS" in out.stdout
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
+def test_features_match_torch_intermediates(arch):
+    """``method="features"`` (backbone API) equals torch_ref's intermediates."""
+    import jax
+    import torch
+
+    model = ref(arch, "torchvision")
+    x = x_(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model.double().forward_intermediates(torch.from_numpy(x).double())
+    model.float()
+    with jax.enable_x64(True):
+        fmodel, v = flax_resnet.from_torch(model.double().state_dict())
+        got = jax.jit(lambda v, x: fmodel.apply(v, x, method="features"))(v, x.astype(np.float64).transpose(0, 2, 3, 1))
+    model.float()
+    assert list(got) == ["stem", "layer1", "layer2", "layer3", "layer4", "pre_logits"]
+    for k, g in got.items():
+        w = want[k].numpy()
+        w = w.transpose(0, 2, 3, 1) if w.ndim == 4 else w
+        np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-10 * np.abs(w).max())
