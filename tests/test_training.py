@@ -21,10 +21,15 @@ SHAPE = (16, 16, 3)  # tiny images: compile time is the cost, not FLOPs
 N_CLASSES = 4
 
 
+# One basic block per stage: a real ResNet of the family, half of resnet18's
+# graph, so each compilation takes half as long.
+TINY_ARCH = flax_resnet.ArchSpec("resnet10", "basic", (1, 1, 1, 1))
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    """A resnet18 with 4 classes, its variables, a fixed optimizer and a batch."""
-    model = flax_resnet.resnet18(num_classes=N_CLASSES)
+    """A 4-class ResNet-10, its variables, a fixed optimizer and a batch."""
+    model = flax_resnet.ResNet(arch=TINY_ARCH, num_classes=N_CLASSES)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1,) + SHAPE))
     tx = training.make_optimizer(batch_size=8, steps_per_epoch=2, epochs=2, lr=0.05, warmup_epochs=0.5)
     rng = np.random.default_rng(0)
@@ -168,12 +173,14 @@ def test_train_step_updates_params_and_torch_bn_stats(tiny):
     np.testing.assert_allclose(new.batch_stats["bn1"]["mean"], 0.1 * mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(new.batch_stats["bn1"]["var"], 0.9 + 0.1 * var, rtol=1e-4, atol=1e-6)
     assert _tree_max_diff(new.params, state.params) > 0
-    sums = training.eval_step(new, images, labels)
-    assert float(sums["count"]) == 16
-    ev = training.evaluate(new, images, labels, batch_size=6)  # 6 + 6 + 4 (padded, masked)
-    assert ev["count"] == 16
-    assert ev["loss"] == pytest.approx(float(sums["loss"]) / 16, rel=1e-5)
-    assert ev["accuracy"] == pytest.approx(float(sums["correct"]) / 16)
+    ones, half = np.ones(8, np.float32), np.repeat(np.float32([1, 0]), 4)
+    a = training.eval_step(new, images[:8], labels[:8], ones)
+    b = training.eval_step(new, images[8:], labels[8:], half)
+    assert float(a["count"]) == 8 and float(b["count"]) == 4
+    ev = training.evaluate(new, images[:12], labels[:12], batch_size=8)  # 8 + 4 (padded, masked)
+    assert ev["count"] == 12
+    assert ev["loss"] == pytest.approx((float(a["loss"]) + float(b["loss"])) / 12, rel=1e-5)
+    assert ev["accuracy"] == pytest.approx((float(a["correct"]) + float(b["correct"])) / 12)
 
 
 def test_bfloat16_step_keeps_float32_params_and_stats(tiny):
@@ -211,9 +218,24 @@ def test_replace_head_and_frozen_backbone(tiny):
     assert n_state < 512 * 7 * 2 + 100
 
 
-def test_load_pretrained_replaces_head(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def r18():
+    """resnet18 (a named arch, as checkpoint files need) with 4 classes and its variables."""
+    model = flax_resnet.resnet18(num_classes=N_CLASSES)
+    # Shapes without compiling an init; random values do for file round trips.
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1,) + SHAPE))
+    rng = np.random.default_rng(0)
+
+    def fill(path, s):
+        x = rng.normal(size=s.shape).astype(np.float32) * 0.05
+        return np.abs(x) + 1 if jax.tree_util.keystr(path).endswith("['var']") else x
+
+    return model, jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def test_load_pretrained_replaces_head(r18, tmp_path):
     ckpt = pytest.importorskip("flax_resnet.checkpoint")
-    model, variables, *_ = tiny
+    model, variables = r18
     path = tmp_path / "r18.msgpack"
     ckpt.save(path, jax.device_get(variables))
     m2, v2 = training.load_pretrained(path, num_classes=3, dtype=jnp.bfloat16)
@@ -288,6 +310,13 @@ def test_load_npz(tmp_path):
         data.load_npz(tmp_path / "bad.npz")
 
 
+def test_cpu_workaround_is_a_no_op_once_jax_started(monkeypatch):
+    jax.devices()  # the backend is up: XLA_FLAGS can no longer change anything
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert training.cpu_small_conv_workaround(force=True) is False
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+
+
 # ------------------------------------------------------------------------ CLI
 
 
@@ -316,9 +345,9 @@ def test_cli_tiny_run_writes_metrics_plot_checkpoints_and_resumes(tmp_path, caps
     assert [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()] == [rec]
 
 
-def test_cli_init_and_freeze(tiny, tmp_path):
+def test_cli_init_and_freeze(r18, tmp_path):
     ckpt = pytest.importorskip("flax_resnet.checkpoint")
-    model, variables, *_ = tiny
+    model, variables = r18
     init = tmp_path / "r18.msgpack"
     ckpt.save(init, jax.device_get(variables))
     npz = _write_npz(tmp_path / "tiny.npz", size=16)  # grey images: repeated to the checkpoint's 3 channels
