@@ -226,7 +226,7 @@ def make_sgd(lr: float | None = None, momentum: float | None = None, weight_deca
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=8)
 def _jitted(model, what: str):
     """jit-compiled Flax computations, cached per (model, what)."""
 

@@ -20,7 +20,7 @@ DEPTHS = ["resnet50", "resnet101", "resnet152"]
 OTHER_ARCHS = [a for a in ARCHS if a not in DEPTHS]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=2)
 def ref(arch, layout, num_classes=1000, img_channels=3, stride_in_1x1=False):
     return reference_model(arch, layout, num_classes=num_classes, img_channels=img_channels, stride_in_1x1=stride_in_1x1)
 
