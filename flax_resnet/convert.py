@@ -35,6 +35,73 @@ CONV_KERNEL = Transform("conv_oihw_to_hwio", lambda a: a.transpose(2, 3, 1, 0), 
 # Linear (out, in) -> Dense (in, out).
 DENSE_KERNEL = Transform("linear_to_dense", lambda a: a.T, lambda a: a.T)
 
+
+def _reverse_axes3(a: np.ndarray, strip: int = 16) -> np.ndarray:
+    """``np.ascontiguousarray(a.transpose(2, 1, 0))`` for a 3-d array, faster.
+
+    Copies strips of ``strip`` rows of the first axis at a time, so each
+    strip's source rows and destination cache lines stay in cache (numpy's
+    plain transposed copy gathers one element per cache line). Exact: a copy.
+    """
+    out = np.empty(a.shape[::-1], a.dtype)
+    view = out.transpose(2, 1, 0)
+    for i in range(0, a.shape[0], strip):
+        np.copyto(view[i : i + strip], a[i : i + strip])
+    return out
+
+
+def _oihw_to_hwio(a: np.ndarray) -> np.ndarray:
+    o, i, h, w = a.shape
+    return _reverse_axes3(np.ascontiguousarray(a).reshape(o, i, h * w)).reshape(h, w, i, o)
+
+
+def _hwio_to_oihw(a: np.ndarray) -> np.ndarray:
+    h, w, i, o = a.shape
+    return _reverse_axes3(np.ascontiguousarray(a).reshape(h * w, i, o)).reshape(o, i, h, w)
+
+
+def _transpose2(a: np.ndarray) -> np.ndarray:
+    m, n = a.shape
+    return _reverse_axes3(np.ascontiguousarray(a).reshape(m, 1, n)).reshape(n, m)
+
+
+# The same maps, materialized (contiguous copies) fast; keyed by transform name.
+_COPY_TO_FLAX = {"conv_oihw_to_hwio": _oihw_to_hwio, "linear_to_dense": _transpose2}
+_COPY_TO_TORCH = {"conv_oihw_to_hwio": _hwio_to_oihw, "linear_to_dense": _transpose2}
+_PARALLEL_BYTES = 8 << 20  # thread the copies of trees larger than this
+
+
+def _materialize(jobs: list[tuple[Callable[[], np.ndarray], int]]) -> list[np.ndarray]:
+    """Runs copy jobs ``(fn, nbytes)``, on a few threads when there is enough work (numpy releases the GIL)."""
+    import os
+
+    total = sum(n for _, n in jobs)
+    workers = min(os.cpu_count() or 1, 8)
+    if workers < 2 or total < _PARALLEL_BYTES:
+        return [fn() for fn, _ in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    order = sorted(range(len(jobs)), key=lambda k: -jobs[k][1])  # largest first balances the threads
+    out: list[Any] = [None] * len(jobs)
+    with ThreadPoolExecutor(workers) as ex:
+        for k, value in zip(order, ex.map(lambda k: jobs[k][0](), order)):
+            out[k] = value
+    return out
+
+
+def _to_flax_copy(leaf: "Leaf", value: np.ndarray, dtype: Any) -> np.ndarray:
+    fast = _COPY_TO_FLAX.get(leaf.transform.name)
+    out = fast(value) if fast is not None and np.ndim(value) == len(leaf.torch_shape) else np.ascontiguousarray(leaf.transform.to_flax(value))
+    return out.astype(dtype) if dtype is not None else out
+
+
+def _to_torch_copy(leaf: "Leaf", value: np.ndarray) -> np.ndarray:
+    fast = _COPY_TO_TORCH.get(leaf.transform.name)
+    if fast is not None and np.ndim(value) == len(leaf.torch_shape):
+        return fast(value)
+    return np.ascontiguousarray(leaf.transform.to_torch(value))
+
+
 # torch leaf -> (Flax collection, Flax leaf, transform), per module kind.
 RULES: dict[str, tuple[tuple[str, str, str, Transform], ...]] = {
     "conv": (("weight", "params", "kernel", CONV_KERNEL), ("bias", "params", "bias", IDENTITY)),
@@ -250,6 +317,7 @@ def torch_to_flax(
     arch: str | None = None,
     layout: str | None = None,
     dtype: Any = None,
+    scan_blocks: bool = False,
 ) -> dict[str, dict]:
     """Converts a PyTorch ResNet state_dict to Flax variables.
 
@@ -260,6 +328,8 @@ def torch_to_flax(
         layout: ``"torchvision"`` or ``"seed"``; inferred if omitted.
         dtype: cast floating leaves to this dtype; ``None`` keeps the source
             dtype (a float64 state_dict gives float64 variables).
+        scan_blocks: return the stacked tree of ``ResNet(scan_blocks=True)``
+            (see ``stack_blocks``).
 
     Returns:
         ``{"params": ..., "batch_stats": ...}`` of numpy arrays, ready for
@@ -288,23 +358,28 @@ def torch_to_flax(
     if missing or unexpected or mismatched or nonfloat:
         raise ConversionError(f"{cfg.arch} ({cfg.layout} layout)", missing, unexpected, mismatched, nonfloat)
 
+    values = _materialize([(lambda leaf=leaf: _to_flax_copy(leaf, sd[leaf.torch_key], dtype), sd[leaf.torch_key].nbytes) for leaf in mapping])
     variables: dict[str, dict] = {}
-    for leaf in mapping:
-        value = np.ascontiguousarray(leaf.transform.to_flax(sd[leaf.torch_key]))
-        if dtype is not None:
-            value = value.astype(dtype)
+    for leaf, value in zip(mapping, values):
         node = variables.setdefault(leaf.collection, {})
         for name in leaf.flax_path[:-1]:
             node = node.setdefault(name, {})
         node[leaf.flax_path[-1]] = value
-    return variables
+    return stack_blocks(variables) if scan_blocks else variables
 
 
 def _is_float(dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or str(dtype) == "bfloat16"
 
 
-def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: str | None = None, param_dtype: Any = None, **model_kwargs: Any):
+def from_torch(
+    state_dict: Mapping[str, Any],
+    arch: str | None = None,
+    layout: str | None = None,
+    param_dtype: Any = None,
+    scan_blocks: bool = False,
+    **model_kwargs: Any,
+):
     """Builds the Flax model that matches a state_dict, and its variables.
 
     Args:
@@ -312,8 +387,10 @@ def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: s
         arch: force the architecture (else inferred).
         layout: force the layout (else inferred).
         param_dtype: cast the variables to this dtype (else the source's).
+        scan_blocks: build ``ResNet(scan_blocks=True)`` and return its
+            stacked variables.
         **model_kwargs: more ``ResNet`` attributes (``dtype``, ``precision``,
-            ``stride_in_1x1``, ``axis_name``, ...).
+            ``stride_in_1x1``, ``axis_name``, ``remat``, ...).
 
     Returns:
         ``(model, variables)``.
@@ -322,10 +399,10 @@ def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: s
 
     sd = normalize_state_dict(state_dict)
     cfg = infer_config(sd, arch, layout)
-    variables = torch_to_flax(sd, cfg.arch, cfg.layout, dtype=param_dtype)
+    variables = torch_to_flax(sd, cfg.arch, cfg.layout, dtype=param_dtype, scan_blocks=scan_blocks)
     kwargs = dict(param_dtype=param_dtype) if param_dtype is not None else {}
     kwargs.update(model_kwargs)
-    model = ResNet(arch=cfg.arch, num_classes=cfg.num_classes, conv_bias=cfg.conv_bias, **kwargs)
+    model = ResNet(arch=cfg.arch, num_classes=cfg.num_classes, conv_bias=cfg.conv_bias, scan_blocks=scan_blocks, **kwargs)
     return model, variables
 
 
@@ -344,7 +421,9 @@ def _flatten(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
 
 
 def infer_flax_config(variables: Mapping[str, Any], layout: str = "torchvision") -> tuple[ModelConfig, bool]:
-    """``(config, has_conv_bias)`` of Flax ResNet variables, from their tree."""
+    """``(config, has_conv_bias)`` of Flax ResNet variables (unrolled or stacked), from their tree."""
+    if isinstance(variables, Mapping) and is_stacked(variables):
+        variables = unstack_blocks(variables)
     params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
     try:
         as_torch = {
@@ -378,7 +457,8 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
     variables exported to ``"seed"`` get zero biases.
 
     Args:
-        variables: ``{"params": ..., "batch_stats": ...}``.
+        variables: ``{"params": ..., "batch_stats": ...}``, the unrolled
+            tree or the stacked one of ``ResNet(scan_blocks=True)``.
         layout: ``"torchvision"`` or ``"seed"``.
         num_batches_tracked: value of every BN's ``num_batches_tracked``
             (torch-only state; Flax does not keep it).
@@ -390,6 +470,8 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
     Raises:
         ConversionError: with every missing, unexpected or mis-shaped leaf.
     """
+    if isinstance(variables, Mapping) and is_stacked(variables):
+        variables = unstack_blocks(variables)
     cfg, has_bias = infer_flax_config(variables, layout)
     flat = {(c, *p): v for c in ("params", "batch_stats") for p, v in _flatten(variables.get(c, {})).items()}
     src_cfg = ModelConfig(cfg.arch, "seed" if has_bias else "torchvision", cfg.num_classes, cfg.in_channels)
@@ -407,10 +489,18 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
         raise ConversionError(f"torch {cfg.arch} (from Flax variables)", missing, unexpected, mismatched)
 
     out: dict[str, np.ndarray] = {}
-    for leaf in leaves(cfg):
+    mapping = leaves(cfg)
+    present = [leaf for leaf in mapping if (leaf.collection, *leaf.flax_path) in flat]
+    copies = dict(
+        zip(
+            (leaf.torch_key for leaf in present),
+            _materialize([(lambda leaf=leaf: _to_torch_copy(leaf, np.asarray(flat[(leaf.collection, *leaf.flax_path)])), int(np.size(flat[(leaf.collection, *leaf.flax_path)])) * 4) for leaf in present]),
+        )
+    )
+    for leaf in mapping:
         key = (leaf.collection, *leaf.flax_path)
         if key in flat:
-            out[leaf.torch_key] = np.ascontiguousarray(leaf.transform.to_torch(np.asarray(flat[key])))
+            out[leaf.torch_key] = copies[leaf.torch_key]
         else:  # a seed-layout conv bias the bias-free source lacks
             like = np.asarray(flat[("params", *leaf.flax_path[:-1], "kernel")])
             out[leaf.torch_key] = np.zeros(leaf.torch_shape, like.dtype)
@@ -423,3 +513,143 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
             key = target[("batch_stats", *bn, "mean")]
             out[key] = out[key] - np.asarray(flat[("params", *conv, "bias")])
     return out
+
+
+# ---------------------------------------------------------------------------
+# Scanned (stacked) trees
+
+
+SCAN_NAME = "rest"  # the nn.scan over blocks 1..n-1 of a stage
+
+
+def _is_stage(name: Any) -> bool:
+    return isinstance(name, str) and name.startswith("layer") and name[5:].isdigit()
+
+
+def is_stacked(variables: Mapping[str, Any]) -> bool:
+    """Whether ``variables`` is the stacked tree of ``ResNet(scan_blocks=True)``."""
+    for tree in variables.values():
+        if isinstance(tree, Mapping):
+            for name, stage in tree.items():
+                if _is_stage(name) and isinstance(stage, Mapping) and SCAN_NAME in stage:
+                    return True
+    return False
+
+
+def _stack(arrays: list) -> Any:
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np.stack(arrays)
+    import jax.numpy as jnp
+
+    return jnp.stack(arrays)
+
+
+def _tree_structure(tree: Any, prefix: tuple = ()) -> dict[tuple, tuple]:
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            out.update(_tree_structure(v, (*prefix, k)))
+        return out
+    return {prefix: (tuple(np.shape(tree)), str(getattr(tree, "dtype", type(tree).__name__)))}
+
+
+def _map_blocks(fn: Callable[[list], Any], blocks: list[Mapping]) -> Any:
+    """Applies ``fn`` to the lists of corresponding leaves of identical trees."""
+    first = blocks[0]
+    if isinstance(first, Mapping):
+        return {k: _map_blocks(fn, [b[k] for b in blocks]) for k in first}
+    return fn(blocks)
+
+
+def stack_blocks(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The unrolled tree -> the stacked tree of ``ResNet(scan_blocks=True)``.
+
+    In every collection, blocks ``1..n-1`` of each ``layerN`` become one
+    subtree ``layerN/rest`` whose leaves carry a leading axis of length
+    ``n - 1`` (block ``i`` at index ``i - 1``); block ``0`` and everything
+    else are kept as they are (not copied). Exact: ``unstack_blocks`` gives
+    back the same bytes.
+
+    Raises:
+        ConversionError: the tree is already stacked, a stage's block names
+            are not ``0..n-1``, or its repeated blocks differ in structure,
+            shape or dtype.
+    """
+    if is_stacked(variables):
+        raise ConversionError("stacked Flax variables", other=["variables are already stacked (have a layerN/rest subtree)"])
+    problems = []
+    out: dict[str, Any] = {}
+    for collection, tree in variables.items():
+        if not isinstance(tree, Mapping):
+            out[collection] = tree
+            continue
+        new: dict[str, Any] = {}
+        for name, stage in tree.items():
+            if not (_is_stage(name) and isinstance(stage, Mapping)):
+                new[name] = stage
+                continue
+            n = len(stage)
+            if sorted(stage) != sorted(str(i) for i in range(n)):
+                problems.append(f"{collection}/{name} has blocks {sorted(stage)}, expected 0..{n - 1}")
+                continue
+            if n < 2:
+                new[name] = dict(stage)
+                continue
+            rest = [stage[str(i)] for i in range(1, n)]
+            want = _tree_structure(rest[0])
+            bad = [str(i) for i, b in enumerate(rest, start=1) if _tree_structure(b) != want]
+            if bad:
+                problems.append(f"{collection}/{name} blocks {', '.join(bad)} differ in structure, shape or dtype from block 1")
+                continue
+            new[name] = {"0": stage["0"], SCAN_NAME: _map_blocks(_stack, rest)}
+        out[collection] = new
+    if problems:
+        raise ConversionError("stacked Flax variables", other=problems)
+    return out
+
+
+def unstack_blocks(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The stacked tree of ``ResNet(scan_blocks=True)`` -> the unrolled tree.
+
+    The inverse of ``stack_blocks``: ``layerN/rest`` leaves of leading size
+    ``n - 1`` become blocks ``1..n-1`` (numpy leaves as views, no copy).
+    An unrolled tree comes back as it is.
+
+    Raises:
+        ConversionError: a stage has names other than ``0`` and ``rest``, or
+            the leading sizes of its ``rest`` leaves differ.
+    """
+    problems = []
+    out: dict[str, Any] = {}
+    for collection, tree in variables.items():
+        if not isinstance(tree, Mapping):
+            out[collection] = tree
+            continue
+        new: dict[str, Any] = {}
+        for name, stage in tree.items():
+            if not (_is_stage(name) and isinstance(stage, Mapping) and SCAN_NAME in stage):
+                new[name] = stage
+                continue
+            extra = sorted(k for k in stage if k not in ("0", SCAN_NAME))
+            if extra:
+                problems.append(f"{collection}/{name} mixes stacked blocks with unrolled ones ({', '.join(extra)})")
+                continue
+            sizes = {np.shape(a)[0] if np.ndim(a) else None for a in _tree_structure_leaves(stage[SCAN_NAME])}
+            if len(sizes) != 1 or None in sizes:
+                problems.append(f"{collection}/{name}/{SCAN_NAME} leaves have leading sizes {sorted(map(str, sizes))}, expected one")
+                continue
+            (m,) = sizes
+            unrolled = {"0": stage["0"]} if "0" in stage else {}
+            for i in range(m):
+                unrolled[str(i + 1)] = _map_blocks(lambda a, i=i: a[0][i], [stage[SCAN_NAME]])
+            new[name] = unrolled
+        out[collection] = new
+    if problems:
+        raise ConversionError("unrolled Flax variables", other=problems)
+    return out
+
+
+def _tree_structure_leaves(tree: Any) -> list:
+    if isinstance(tree, Mapping):
+        return [leaf for v in tree.values() for leaf in _tree_structure_leaves(v)]
+    return [tree]

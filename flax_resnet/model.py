@@ -31,6 +31,8 @@ class _Common(nn.Module):
     axis_name: str | None = None
     bn_momentum: float = 0.9
     bn_eps: float = 1e-5
+    fold_bn: bool = False
+    conv_as_dot: bool = False
 
     def conv(self, c: ConvSpec, name: str) -> nn.Conv:
         # Explicit symmetric padding as in torch; 'SAME' would pad (0, 1) at stride 2.
@@ -40,15 +42,18 @@ class _Common(nn.Module):
             strides=(c.stride, c.stride),
             padding=((c.padding, c.padding), (c.padding, c.padding)),
             feature_group_count=c.groups,
-            use_bias=self.conv_bias,
+            use_bias=self.conv_bias or self.fold_bn,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             precision=self.precision,
             kernel_init=_conv_init,
+            conv_general_dilated=pointwise_conv_as_dot if self.conv_as_dot else None,
             name=name,
         )
 
     def bn(self, name: str, zero_init: bool = False) -> BatchNorm:
+        if self.fold_bn:  # inference: the BatchNorm lives in the conv's kernel and bias
+            return _folded_bn
         return BatchNorm(
             momentum=self.bn_momentum,
             epsilon=self.bn_eps,
@@ -61,6 +66,51 @@ class _Common(nn.Module):
 
     def common(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in _Common.__dataclass_fields__ if f not in ("parent", "name")}
+
+
+_NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+_LOW_PRECISION = (jnp.bfloat16, jnp.float16)
+
+
+def pointwise_conv_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``lax.conv_general_dilated`` that runs 1x1 convs (any stride) as one matrix product.
+
+    A 1x1 conv over NHWC is ``x[:, ::s, ::s, :] @ kernel[0, 0]``: the same
+    products and sums, which XLA's CPU backend runs faster as a dot (and, in
+    bfloat16, natively with float32 accumulation instead of converting to
+    float32 first). Every other conv goes to ``lax.conv_general_dilated``.
+    """
+    dims = dimension_numbers
+    if isinstance(dims, jax.lax.ConvDimensionNumbers) or dims is None:
+        nhwc = dims == _NHWC
+    else:
+        nhwc = False
+    pointwise = (
+        nhwc
+        and lhs.ndim == 4
+        and rhs.shape[:2] == (1, 1)
+        and feature_group_count == 1
+        and all(tuple(p) == (0, 0) for p in padding)
+        and all(d in (None, 1) for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
+        and not kwargs
+    )
+    if not pointwise:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, precision=precision, **kwargs,
+        )
+    sh, sw = window_strides
+    if (sh, sw) != (1, 1):
+        lhs = lhs[:, ::sh, ::sw, :]
+    pref = jnp.float32 if lhs.dtype in _LOW_PRECISION else None
+    y = jax.lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision, preferred_element_type=pref)
+    return y.astype(jnp.result_type(lhs.dtype, rhs.dtype))
+
+
+def _folded_bn(x: jax.Array, train: bool = False) -> jax.Array:
+    if train:
+        raise ValueError("a model with fold_bn=True is for inference only (train=False)")
+    return x
 
 
 class Downsample(_Common):
@@ -82,6 +132,9 @@ class Block(_Common):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        return self._forward(x, train)
+
+    def _forward(self, x, train: bool):
         residual = x
         n = len(self.spec.convs)
         for i, c in enumerate(self.spec.convs, start=1):
@@ -94,18 +147,64 @@ class Block(_Common):
         return nn.relu(x + residual)
 
 
+class _ScanBody(Block):
+    """A block as the body of ``nn.scan``: ``x -> (x, per-block output)``.
+
+    ``train`` is an attribute (not an argument) so that the scan broadcasts
+    no Python values; ``emit`` says whether each block's output is stacked
+    as scan output (only ``intermediates(..., blocks=True)`` needs it).
+    """
+
+    train: bool = False
+    emit: bool = False
+
+    @nn.compact
+    def __call__(self, x):  # type: ignore[override]
+        y = self._forward(x, self.train)
+        return y, (y if self.emit else None)
+
+
 class Stage(_Common):
-    """``layerN``: its blocks, named ``0``, ``1``, ... as in torch."""
+    """``layerN``: its blocks, named ``0``, ``1``, ... as in torch.
+
+    Attributes:
+        scan_blocks: run blocks ``1..n-1`` (identical in shape: stride 1, no
+            projection) as one ``nn.scan`` named ``rest``, whose variables
+            carry a leading axis of length ``n - 1``; block ``0`` (which may
+            stride and project) stays a module named ``0``. XLA then compiles
+            one block body per stage instead of ``n``.
+        remat: recompute each block's activations in the backward pass
+            (``nn.remat``) instead of keeping them: less training memory, one
+            more forward pass of compute.
+    """
 
     specs: tuple[BlockSpec, ...] = ()
     zero_init_residual: bool = False
+    scan_blocks: bool = False
+    remat: bool = False
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        outs = []
-        for b in self.specs:
-            x = Block(spec=b, zero_init_residual=self.zero_init_residual, name=str(b.index), **self.common())(x, train)
-            outs.append(x)
+    def __call__(self, x, train: bool = False, blocks: bool = True):
+        kw = dict(zero_init_residual=self.zero_init_residual, **self.common())
+        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        if not self.scan_blocks or len(self.specs) < 2:
+            outs = []
+            for b in self.specs:
+                x = block(spec=b, name=str(b.index), **kw)(x, train)
+                outs.append(x)
+            return x, outs
+        first, rest = self.specs[0], self.specs[1:]
+        y0 = block(spec=first, name=str(first.index), **kw)(x, train)
+        body = nn.remat(_ScanBody, prevent_cse=False) if self.remat else _ScanBody
+        scan = nn.scan(
+            body,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            length=len(rest),
+        )
+        x, ys = scan(spec=rest[0], train=train, emit=blocks, name="rest", **kw)(y0)
+        # Per-block outputs come back stacked from the scan (only when asked).
+        outs = [y0] + ([ys[i] for i in range(len(rest))] if blocks else [])
         return x, outs
 
 
@@ -129,12 +228,28 @@ class ResNet(_Common):
         axis_name: mapped/sharded batch axis for global BN statistics.
         bn_momentum: Flax convention; 0.9 equals torch's momentum 0.1.
         bn_eps: BatchNorm epsilon, torch's 1e-5.
+        scan_blocks: compile each stage's repeated blocks once (``nn.scan``):
+            blocks ``1..n-1`` of ``layerN`` live under ``layerN/rest`` with a
+            leading axis of length ``n - 1`` (``convert.stack_blocks`` /
+            ``unstack_blocks`` convert between the two trees). Same numbers,
+            a fraction of the compile time for deep models.
+        remat: rematerialize each block in the backward pass (``nn.remat``):
+            activation memory of one block per stage instead of all.
+        conv_as_dot: run 1x1 convs as matrix products
+            (``pointwise_conv_as_dot``): same parameters, same math, faster
+            on XLA's CPU backend.
+        fold_bn: inference-only variant whose BatchNorms are folded into the
+            preceding convs (each conv has a bias, there is no
+            ``batch_stats``); build its variables with
+            ``flax_resnet.inference.fold_batchnorm``.
     """
 
     arch: str | ArchSpec = "resnet50"
     num_classes: int = 1000
     stride_in_1x1: bool = False
     zero_init_residual: bool = False
+    scan_blocks: bool = False
+    remat: bool = False
 
     @property
     def spec(self) -> ArchSpec:
@@ -147,7 +262,7 @@ class ResNet(_Common):
         self.bn1 = self.bn(None)
         all_blocks = list(blocks(spec, self.stride_in_1x1))
         stages = [tuple(b for b in all_blocks if b.stage == s) for s in (1, 2, 3, 4)]
-        kw = dict(zero_init_residual=self.zero_init_residual, **self.common())
+        kw = dict(zero_init_residual=self.zero_init_residual, scan_blocks=self.scan_blocks, remat=self.remat, **self.common())
         self.layer1 = Stage(specs=stages[0], **kw)
         self.layer2 = Stage(specs=stages[1], **kw)
         self.layer3 = Stage(specs=stages[2], **kw)
@@ -181,7 +296,7 @@ class ResNet(_Common):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         out["stem"] = x
         for i, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
-            x, block_outs = stage(x, train)
+            x, block_outs = stage(x, train, blocks)
             if blocks:
                 out.update({f"layer{i}.{j}": y for j, y in enumerate(block_outs)})
             out[f"layer{i}"] = x

@@ -1,0 +1,643 @@
+#!/usr/bin/env python
+"""flax-resnet benchmarks, side by side with PyTorch, in one command.
+
+    python benchmarks/run.py --quick            # a few minutes
+    python benchmarks/run.py                    # the full table (~15 min on 2 cores)
+    python benchmarks/run.py --json out.json    # also write every figure as JSON
+
+Every measurement runs in its own subprocess (so each has a clean peak RSS
+and no framework's threads or caches leak into another's), and the
+subprocesses of one row run back to back, so the Flax/torch ratio of a row
+compares like with like. Times are medians over repeats, after a warm-up.
+The load average is recorded with every row: figures taken under load
+(> 1.5 on a 2-core machine) are flagged in the table.
+
+Sections (``--sections``):
+
+* ``eval``: forward img/s, Flax ``jit`` (and the BatchNorm-folded inference
+  model, ``flax_resnet.inference.fold``) against torch eager NCHW and
+  channels_last, and ``torch.compile``; ratio against torch's best eager
+  layout.
+* ``train``: train step img/s (forward, backward, SGD momentum update,
+  BatchNorm statistics), Flax ``jit`` with donated buffers against torch
+  eager and ``torch.compile``.
+* ``compile``: lower and compile time and first-call latency, unrolled vs
+  ``scan_blocks=True``, eval and train step.
+* ``construct``: a ResNet with converted weights ready to run (from a torch
+  state_dict in memory: ``from_torch``, ``jax.eval_shape`` structure check,
+  ``device_put``), the conversion alone against a plain copy of the same
+  bytes, and ``jit(init)`` for comparison.
+
+bfloat16 means: Flax ``dtype=jnp.bfloat16`` compute with float32 parameters;
+torch ``autocast(bfloat16)`` (the CPU/GPU AMP recipe), same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+LOADED = 1.5  # load average above which a row is flagged
+IMAGE = 224
+NUM_CLASSES = 1000
+
+# ----------------------------------------------------------------------------
+# Shared helpers (worker side)
+
+
+def _peak_rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _median_time(fn, repeats: int, warmup: int = 1, budget_s: float | None = None) -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+
+    With ``budget_s``, stops early (after at least 2 timed calls) once the
+    timed calls have used the budget.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if budget_s is not None and len(times) >= 2 and sum(times) > budget_s:
+            break
+    return statistics.median(times), times
+
+
+def _state_dict(arch: str, seed: int = 0) -> dict:
+    """A torchvision-layout state_dict of numpy arrays with torch's default init.
+
+    Built from the converter's own key/shape table, so the Flax workers need
+    no torch; the torch workers load the very same arrays.
+    """
+    import numpy as np
+
+    from flax_resnet.convert import ModelConfig, leaves
+
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for leaf in leaves(ModelConfig(arch, "torchvision", NUM_CLASSES, 3)):
+        shape, key = leaf.torch_shape, leaf.torch_key
+        if key.endswith("running_var") or (key.endswith(".weight") and len(shape) == 1):
+            sd[key] = np.ones(shape, np.float32)
+        elif key.endswith("running_mean") or key.endswith(".bias"):
+            sd[key] = np.zeros(shape, np.float32)
+        elif len(shape) == 4:  # kaiming normal, fan_out
+            sd[key] = (rng.standard_normal(shape, dtype=np.float32) * np.sqrt(2.0 / (shape[0] * shape[2] * shape[3]))).astype(np.float32)
+        else:  # fc
+            bound = 1 / np.sqrt(shape[1])
+            sd[key] = rng.uniform(-bound, bound, shape).astype(np.float32)
+    # The last BN scale of each residual branch at 0.2 keeps activations O(1) with default stats.
+    last = ".bn3.weight" if "layer1.0.conv3.weight" in sd else ".bn2.weight"
+    for key in sd:
+        if key.startswith("layer") and key.endswith(last):
+            sd[key] = np.full(sd[key].shape, 0.2, np.float32)
+    return sd
+
+
+def _images(batch: int, nhwc: bool):
+    import numpy as np
+
+    x = np.random.default_rng(1).standard_normal((batch, IMAGE, IMAGE, 3), dtype=np.float32)
+    labels = np.random.default_rng(2).integers(0, NUM_CLASSES, batch)
+    return (x if nhwc else np.ascontiguousarray(x.transpose(0, 3, 1, 2))), labels
+
+
+# ----------------------------------------------------------------------------
+# Workers: one measurement each, in a fresh process; print one JSON line.
+
+
+def _flax_model(task, variables_needed=True):
+    import jax
+    import jax.numpy as jnp
+
+    import flax_resnet
+    from flax_resnet import inference
+
+    sd = _state_dict(task["arch"])
+    scan = task.get("variant") in ("scan", "scan_remat")
+    model, variables = flax_resnet.from_torch(sd, scan_blocks=scan, remat=task.get("variant") == "scan_remat")
+    if task["dtype"] == "bf16":
+        model = model.clone(dtype=jnp.bfloat16)
+    if task.get("variant") == "fold":
+        model, variables = inference.fold(model, variables)
+    return model, jax.device_put(variables)
+
+
+def _compiler_options(task):
+    from flax_resnet import inference
+
+    return inference.CPU_COMPILER_OPTIONS if task.get("xla_opts") else None
+
+
+def worker_flax_eval(task):
+    import jax
+
+    model, variables = _flax_model(task)
+    x, _ = _images(task["batch"], nhwc=True)
+    x = jax.device_put(x)
+    f = jax.jit(lambda v, x: model.apply(v, x), compiler_options=_compiler_options(task))
+    t0 = time.perf_counter()
+    compiled = f.lower(variables, x).compile()
+    compile_s = time.perf_counter() - t0
+    med, times = _median_time(lambda: compiled(variables, x).block_until_ready(), task["repeats"], budget_s=task.get("budget_s"))
+    return {"img_s": task["batch"] / med, "median_s": med, "times": times, "compile_s": compile_s}
+
+
+def worker_flax_train(task):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    model, variables = _flax_model(task)
+    x, labels = _images(task["batch"], nhwc=True)
+    x, labels = jax.device_put(x), jax.device_put(labels)
+    tx = optax.sgd(0.1, momentum=0.9)
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+
+    def step(params, stats, opt_state, x, y):
+        def loss_fn(p):
+            logits, new = model.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new["batch_stats"]
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+    f = jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=_compiler_options(task))
+    t0 = time.perf_counter()
+    compiled = f.lower(params, stats, opt_state, x, labels).compile()
+    compile_s = time.perf_counter() - t0
+    state = [params, stats, opt_state]
+
+    def run():
+        state[0], state[1], state[2], loss = compiled(state[0], state[1], state[2], x, labels)
+        loss.block_until_ready()
+
+    med, times = _median_time(run, task["repeats"], budget_s=task.get("budget_s"))
+    return {"img_s": task["batch"] / med, "median_s": med, "times": times, "compile_s": compile_s}
+
+
+def _torch_model(task):
+    import numpy as np
+    import torch
+
+    import torch_ref
+
+    torch.manual_seed(0)
+    model = torch_ref.ResNet(task["arch"], num_classes=NUM_CLASSES)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in _state_dict(task["arch"]).items()}, strict=False)
+    cl = task["layout"] == "cl"
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    x, labels = _images(task["batch"], nhwc=False)
+    xt = torch.from_numpy(x)
+    if cl:
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    return model, xt, torch.from_numpy(np.asarray(labels))
+
+
+def worker_torch_eval(task):
+    import torch
+
+    model, x, _ = _torch_model(task)
+    model.eval()
+    bf16 = task["dtype"] == "bf16"
+    fn = torch.compile(model) if task.get("compile") else model
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            fn(x)
+
+    t0 = time.perf_counter()
+    run()  # compiles under torch.compile
+    first_s = time.perf_counter() - t0
+    med, times = _median_time(run, task["repeats"], budget_s=task.get("budget_s"))
+    return {"img_s": task["batch"] / med, "median_s": med, "times": times, "first_call_s": first_s}
+
+
+def worker_torch_train(task):
+    import torch
+    import torch.nn.functional as F
+
+    model, x, labels = _torch_model(task)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    bf16 = task["dtype"] == "bf16"
+    fn = torch.compile(model) if task.get("compile") else model
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(fn(x), labels)
+        loss.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    run()
+    first_s = time.perf_counter() - t0
+    med, times = _median_time(run, task["repeats"], budget_s=task.get("budget_s"))
+    return {"img_s": task["batch"] / med, "median_s": med, "times": times, "first_call_s": first_s}
+
+
+def worker_compile(task):
+    """Lower + compile time and first-call latency of a fresh ``jit``, eval or train step."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import flax_resnet
+
+    model = flax_resnet.ResNet(arch=task["arch"], scan_blocks=task["variant"] == "scan")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    variables = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    x, labels = _images(task["batch"], nhwc=True)
+    x, labels = jax.device_put(x), jax.device_put(labels)
+    if task["mode"] == "eval":
+
+        def fn(v, x, y):
+            return model.apply(v, x)
+
+    else:
+        tx = optax.sgd(0.1, momentum=0.9)
+
+        def fn(v, x, y):
+            def loss_fn(p):
+                logits, new = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new["batch_stats"]
+
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
+            updates, _ = tx.update(grads, tx.init(v["params"]), v["params"])
+            return optax.apply_updates(v["params"], updates), stats, loss
+
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn).lower(variables, x, labels)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    jax.block_until_ready(compiled(variables, x, labels))
+    t3 = time.perf_counter()
+    # First-call latency of a fresh jit (trace + lower + compile + run), as a user sees it.
+    t4 = time.perf_counter()
+    jax.block_until_ready(jax.jit(lambda *a: fn(*a))(variables, x, labels))
+    first = time.perf_counter() - t4
+    return {"lower_s": t1 - t0, "compile_s": t2 - t1, "run_s": t3 - t2, "first_call_s": first}
+
+
+def worker_construct(task):
+    """A ResNet with converted weights ready to run, from a torch state_dict in memory."""
+    import numpy as np
+    import torch
+
+    sd_np = _state_dict(task["arch"])
+    sd = {k: torch.from_numpy(v) for k, v in sd_np.items()}
+    import jax
+    import jax.numpy as jnp
+
+    import flax_resnet
+    from flax_resnet import convert
+
+    out: dict[str, Any] = {}
+    nbytes = sum(v.nbytes for v in sd_np.values())
+    out["bytes"] = nbytes
+    jax.device_put(np.zeros(4)).block_until_ready()  # start the backend outside the timings
+
+    def copy_tensors():
+        return [np.copy(v) for v in sd_np.values()]
+
+    flat = np.concatenate([v.ravel() for v in sd_np.values()])
+    out["memcpy_s"], _ = _median_time(copy_tensors, task["repeats"])
+    out["memcpy_one_buffer_s"], _ = _median_time(lambda: np.copy(flat), task["repeats"])
+    out["torch_to_flax_s"], _ = _median_time(lambda: convert.torch_to_flax(sd), task["repeats"])
+    out["torch_to_flax_scan_s"], _ = _median_time(lambda: convert.torch_to_flax(sd, scan_blocks=True), task["repeats"])
+    variables = convert.torch_to_flax(sd)
+    out["flax_to_torch_s"], _ = _median_time(lambda: convert.flax_to_torch(variables), task["repeats"])
+
+    def ready(scan=False):
+        model, v = flax_resnet.from_torch(sd, scan_blocks=scan)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3))))
+        if jax.tree_util.tree_map(lambda s: s.shape, dict(shapes)) != jax.tree_util.tree_map(np.shape, v):
+            raise AssertionError("converted tree does not match the model")
+        v = jax.device_put(v)
+        jax.block_until_ready(v)
+        return model, v
+
+    # The first construction in a process pays for tracing Flax's init once; report it, and the median.
+    t0 = time.perf_counter()
+    ready()
+    out["ready_first_s"] = time.perf_counter() - t0
+    out["ready_s"], _ = _median_time(ready, task["repeats"], warmup=0)
+    out["ready_scan_s"], _ = _median_time(lambda: ready(True), task["repeats"], warmup=0)
+    if task.get("jit_init"):
+        model = flax_resnet.ResNet(arch=task["arch"])
+        t0 = time.perf_counter()
+        jax.block_until_ready(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3))))
+        out["jit_init_s"] = time.perf_counter() - t0
+    return out
+
+
+WORKERS = {
+    "flax_eval": worker_flax_eval,
+    "flax_train": worker_flax_train,
+    "torch_eval": worker_torch_eval,
+    "torch_train": worker_torch_train,
+    "compile": worker_compile,
+    "construct": worker_construct,
+}
+
+
+def worker_main(task_json: str) -> None:
+    task = json.loads(task_json)
+    try:
+        out = WORKERS[task["kind"]](task)
+        out["ok"] = True
+    except Exception as e:  # reported in the table, the run goes on
+        out = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    out["peak_rss_mib"] = _peak_rss_mib()
+    print("BENCH_RESULT " + json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Driver
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        info["cpu_features"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags]
+    except OSError:
+        info["cpu"] = platform.processor() or "unknown"
+    versions = {}
+    for mod in ("jax", "jaxlib", "flax", "optax", "torch", "numpy"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = None
+    info["versions"] = versions
+    try:
+        import jax
+
+        info["jax_device"] = f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
+    except Exception:
+        pass
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    return info
+
+
+def run_task(task: dict, timeout: float) -> dict:
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(task)], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        line = next((l for l in reversed(p.stdout.splitlines()) if l.startswith("BENCH_RESULT ")), None)
+        if line is None:
+            tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+            out = {"ok": False, "error": f"exit {p.returncode}: {tail[0][:200]}"}
+        else:
+            out = json.loads(line[len("BENCH_RESULT ") :])
+    except subprocess.TimeoutExpired:
+        out = {"ok": False, "error": f"timed out after {timeout:.0f}s"}
+    out["wall_s"] = time.perf_counter() - t0
+    out["load_before"] = load
+    out["load_after"] = os.getloadavg()[0]
+    return out
+
+
+def _fmt(v, digits=1, suffix=""):
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return f"{v:.{digits}f}{suffix}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    w = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows])
+
+
+def _img_s(res):
+    return res.get("img_s") if res and res.get("ok") else None
+
+
+def _loaded(results):
+    return any(r and max(r.get("load_before", 0), r.get("load_after", 0)) > LOADED for r in results)
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.results: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def run(self, section: str, row: dict, name: str, task: dict, timeout: float = 900) -> dict:
+        if self.args.verbose:
+            print(f"  [{time.perf_counter() - self.t0:6.0f}s] {section} {row} {name} ...", file=sys.stderr, flush=True)
+        res = run_task(task, timeout)
+        if self.args.verbose:
+            extra = f"{res.get('img_s', 0):.2f} img/s" if res.get("img_s") else (res.get("error") or "")
+            print(f"           -> {extra} ({res['wall_s']:.0f}s, load {res['load_before']:.1f})", file=sys.stderr, flush=True)
+        self.results.append({"section": section, "row": row, "name": name, "task": task, "result": res})
+        return res
+
+
+def section_eval(r: Runner, args) -> str:
+    head = ["arch", "dtype", "batch", "Flax jit", "Flax folded", "torch NCHW", "torch CL", "torch.compile", "Flax/torch", "folded/torch", "Flax/compile", "RSS MiB Flax/torch"]
+    rows = []
+    for arch in args.archs:
+        for dtype in args.dtypes:
+            for batch in args.batches:
+                row = dict(arch=arch, dtype=dtype, batch=batch)
+                rep = args.repeats if batch > 1 else max(args.repeats, 10)
+                base = dict(arch=arch, dtype=dtype, batch=batch, repeats=rep, budget_s=args.budget)
+                res = {}
+                res["flax"] = r.run("eval", row, "flax", dict(base, kind="flax_eval", xla_opts=args.xla_opts))
+                res["fold"] = r.run("eval", row, "flax_fold", dict(base, kind="flax_eval", variant="fold", xla_opts=args.xla_opts))
+                res["nchw"] = r.run("eval", row, "torch_nchw", dict(base, kind="torch_eval", layout="nchw"))
+                res["cl"] = r.run("eval", row, "torch_cl", dict(base, kind="torch_eval", layout="cl"))
+                if arch in args.compile_archs:
+                    res["compile"] = r.run("eval", row, "torch_compile", dict(base, kind="torch_eval", layout="cl", compile=True), timeout=1800)
+                best = max([v for v in (_img_s(res["nchw"]), _img_s(res["cl"])) if v is not None], default=None)
+                f, fo, tc = _img_s(res["flax"]), _img_s(res["fold"]), _img_s(res.get("compile"))
+                ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
+                rss = f"{_fmt(res['flax'].get('peak_rss_mib'), 0)}/{_fmt(max([res[k].get('peak_rss_mib') or 0 for k in ('nchw', 'cl')]), 0)}"
+                flag = " *" if _loaded(res.values()) else ""
+                rows.append([arch, dtype, str(batch), _fmt(f), _fmt(fo), _fmt(_img_s(res["nchw"])), _fmt(_img_s(res["cl"])), _fmt(tc), ratio(f, best), ratio(fo, best), ratio(max(f or 0, fo or 0), tc), rss + flag])
+    return "### Eval forward (img/s, higher is better)\n\n" + _table(head, rows)
+
+
+def section_train(r: Runner, args) -> str:
+    head = ["arch", "dtype", "batch", "Flax jit", "torch NCHW", "torch CL", "torch.compile", "Flax/torch", "Flax/compile", "RSS MiB Flax/torch"]
+    rows = []
+    for arch in args.archs:
+        for dtype in args.dtypes:
+            for batch in args.train_batches:
+                row = dict(arch=arch, dtype=dtype, batch=batch)
+                rep = args.repeats if batch > 1 else max(args.repeats, 10)
+                base = dict(arch=arch, dtype=dtype, batch=batch, repeats=rep, budget_s=args.budget)
+                res = {}
+                res["flax"] = r.run("train", row, "flax", dict(base, kind="flax_train", xla_opts=args.xla_opts))
+                res["nchw"] = r.run("train", row, "torch_nchw", dict(base, kind="torch_train", layout="nchw"))
+                res["cl"] = r.run("train", row, "torch_cl", dict(base, kind="torch_train", layout="cl"))
+                if arch in args.compile_archs and args.train_compile:
+                    res["compile"] = r.run("train", row, "torch_compile", dict(base, kind="torch_train", layout="cl", compile=True), timeout=1800)
+                best = max([v for v in (_img_s(res["nchw"]), _img_s(res["cl"])) if v is not None], default=None)
+                f, tc = _img_s(res["flax"]), _img_s(res.get("compile"))
+                ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
+                rss = f"{_fmt(res['flax'].get('peak_rss_mib'), 0)}/{_fmt(max([res[k].get('peak_rss_mib') or 0 for k in ('nchw', 'cl')]), 0)}"
+                flag = " *" if _loaded(res.values()) else ""
+                rows.append([arch, dtype, str(batch), _fmt(f, 2), _fmt(_img_s(res["nchw"]), 2), _fmt(_img_s(res["cl"]), 2), _fmt(tc, 2), ratio(f, best), ratio(f, tc), rss + flag])
+    return "### Train step (img/s: forward, backward, SGD momentum, BN stats)\n\n" + _table(head, rows)
+
+
+def section_compile(r: Runner, args) -> str:
+    head = ["arch", "step", "unrolled lower+compile s", "scan lower+compile s", "scan/unrolled", "first call unrolled s", "first call scan s", "RSS MiB unrolled/scan"]
+    rows = []
+    for arch in args.compile_depths:
+        for mode in args.compile_modes:
+            row = dict(arch=arch, mode=mode)
+            res = {}
+            for variant in ("unrolled", "scan"):
+                res[variant] = r.run("compile", row, variant, dict(kind="compile", arch=arch, mode=mode, variant=variant, batch=args.compile_batch))
+            tot = {k: (v["lower_s"] + v["compile_s"]) if v.get("ok") else None for k, v in res.items()}
+            first = {k: v.get("first_call_s") if v.get("ok") else None for k, v in res.items()}
+            ratio = f"{tot['scan'] / tot['unrolled']:.2f}" if tot["scan"] and tot["unrolled"] else "-"
+            flag = " *" if _loaded(res.values()) else ""
+            rss = f"{_fmt(res['unrolled'].get('peak_rss_mib'), 0)}/{_fmt(res['scan'].get('peak_rss_mib'), 0)}"
+            rows.append([arch, mode, _fmt(tot["unrolled"], 2), _fmt(tot["scan"], 2), ratio, _fmt(first["unrolled"], 2), _fmt(first["scan"], 2), rss + flag])
+    return f"### Compile time (batch {args.compile_batch}, {IMAGE}x{IMAGE}; jax.jit lower + compile, and first call of a fresh jit)\n\n" + _table(head, rows)
+
+
+def section_construct(r: Runner, args) -> str:
+    rows = []
+    for arch in args.construct_archs:
+        res = r.run("construct", dict(arch=arch), "construct", dict(kind="construct", arch=arch, repeats=args.construct_repeats, jit_init=args.jit_init))
+        if not res.get("ok"):
+            rows.append([arch, res.get("error", "failed")] + ["-"] * 8)
+            continue
+        mib = res["bytes"] / 2**20
+        flag = " *" if _loaded([res]) else ""
+        rows.append(
+            [
+                arch,
+                f"{mib:.0f}",
+                _fmt(res["memcpy_s"] * 1e3, 0),
+                _fmt(res["torch_to_flax_s"] * 1e3, 0),
+                f"{res['torch_to_flax_s'] / res['memcpy_s']:.2f}",
+                _fmt(res["torch_to_flax_scan_s"] * 1e3, 0),
+                _fmt(res["flax_to_torch_s"] * 1e3, 0),
+                _fmt(res["ready_s"], 2) + f" (first {res['ready_first_s']:.2f})",
+                _fmt(res["ready_scan_s"], 2),
+                _fmt(res.get("jit_init_s"), 1),
+                _fmt(res.get("peak_rss_mib"), 0) + flag,
+            ]
+        )
+    head = ["arch", "MiB", "np.copy ms", "torch_to_flax ms", "convert/copy", "…scan_blocks ms", "flax_to_torch ms", "ready to run s", "ready (scan) s", "jit(init) s", "RSS MiB"]
+    return (
+        "### Construction and conversion (fp32 weights; ready to run = from_torch + eval_shape check + device_put)\n\n" + _table(head, rows)
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="resnet50 only, fewer repeats: a few minutes")
+    p.add_argument("--json", metavar="FILE", help="write machine info and every measurement to FILE")
+    p.add_argument("--archs", nargs="+", help="eval/train architectures (default resnet50 resnet101 resnet152; quick: resnet50)")
+    p.add_argument("--batches", nargs="+", type=int, help="eval batch sizes (default 1 32)")
+    p.add_argument("--train-batches", nargs="+", type=int, help="train batch sizes (default 32; quick: 32)")
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], help="default fp32 bf16")
+    p.add_argument("--sections", nargs="+", choices=["eval", "train", "compile", "construct"], default=["eval", "train", "compile", "construct"])
+    p.add_argument("--repeats", type=int, help="timed calls per measurement (median; default 5, quick 3)")
+    p.add_argument("--budget", type=float, default=None, help="stop repeating once timed calls took this many seconds (>= 2 calls)")
+    p.add_argument("--compile-archs", nargs="*", help="rows that also run torch.compile (default: resnet50; it compiles for minutes per row on a small CPU)")
+    p.add_argument("--no-train-compile", dest="train_compile", action="store_false", help="skip torch.compile for train steps")
+    p.add_argument("--xla-opts", action="store_true", help="compile Flax with flax_resnet.inference.CPU_COMPILER_OPTIONS")
+    p.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return 0
+
+    q = args.quick
+    args.archs = args.archs or (["resnet50"] if q else ["resnet50", "resnet101", "resnet152"])
+    args.batches = args.batches or [1, 32]
+    args.train_batches = args.train_batches or [32]
+    args.dtypes = args.dtypes or ["fp32", "bf16"]
+    args.repeats = args.repeats or (3 if q else 5)
+    if args.budget is None:
+        args.budget = 8.0 if q else 12.0
+    args.compile_archs = args.compile_archs if args.compile_archs is not None else ([] if q else ["resnet50"])
+    args.compile_depths = ["resnet50", "resnet152"] if q else ["resnet50", "resnet101", "resnet152"]
+    args.compile_modes = ["eval", "train"]
+    args.compile_batch = 8
+    args.construct_archs = ["resnet152"]
+    args.construct_repeats = 3 if q else 5
+    args.jit_init = not q
+
+    info = machine()
+    load0 = os.getloadavg()
+    print(f"# flax-resnet benchmarks{' (quick)' if q else ''}")
+    print()
+    print(f"Machine: {info.get('cpu')}, {info['cores']} cores ({', '.join(info.get('cpu_features', []))}); {info.get('jax_device')}")
+    v = info["versions"]
+    print(f"Versions: jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, torch {v['torch']}, numpy {v['numpy']}; python {info['python']}")
+    print(f"XLA_FLAGS: {info['xla_flags'] or '(none)'}; Flax compiler options: {'CPU_COMPILER_OPTIONS' if args.xla_opts else 'defaults'}")
+    print(f"Load average at start: {load0[0]:.2f} (rows marked * ran with load > {LOADED})")
+    print(f"Medians of up to {args.repeats} timed calls after a warm-up (batch 1: 10), each measurement in its own process.")
+    print()
+    sys.stdout.flush()
+
+    r = Runner(args)
+    sections = {"eval": section_eval, "train": section_train, "compile": section_compile, "construct": section_construct}
+    texts = []
+    for name in args.sections:
+        text = sections[name](r, args)
+        texts.append(text)
+        print(text)
+        print()
+        sys.stdout.flush()
+    total = time.perf_counter() - r.t0
+    print(f"Total wall time {total / 60:.1f} min; load average at end {os.getloadavg()[0]:.2f}.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "args": {k: v for k, v in vars(args).items() if k != "worker"}, "load_start": load0, "wall_s": total, "tables": texts, "measurements": r.results}, f, indent=1)
+        print(f"Wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

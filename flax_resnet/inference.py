@@ -1,0 +1,104 @@
+"""Inference helpers: BatchNorm folded into the convolutions.
+
+In eval mode a BatchNorm is a per-channel affine map of the conv before it,
+``BN(conv(x, K) + b) = conv(x, K * alpha) + (b - mean) * alpha + bias`` with
+``alpha = scale / sqrt(var + eps)``, so the pair becomes one conv with a
+bias: one pass over each activation less. The fold is computed in float64
+and cast back to each kernel's dtype, so a folded model agrees with the
+unfolded one to the rounding of its dtype (float64: ~1e-15; float32: a few
+ulps per layer), not bit for bit.
+
+Works on the unrolled tree and on the stacked one of
+``ResNet(scan_blocks=True)`` (leading block axes broadcast).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from flax_resnet.convert import ConversionError
+
+__all__ = ["fold_batchnorm", "fold"]
+
+
+def _bn_name(conv_name: str, siblings: Mapping[str, Any]) -> str | None:
+    """The BatchNorm that follows conv ``conv_name`` among its siblings (torch's names)."""
+    if conv_name.startswith("conv") and conv_name[4:].isdigit():
+        bn = "bn" + conv_name[4:]
+    elif conv_name == "0" and "1" in siblings:  # downsample: 0 = conv, 1 = BN
+        bn = "1"
+    else:
+        return None
+    node = siblings.get(bn)
+    return bn if isinstance(node, Mapping) and "scale" in node else None
+
+
+def _fold_tree(params: Mapping[str, Any], stats: Mapping[str, Any], eps: float, path: tuple, problems: list) -> dict:
+    out: dict[str, Any] = {}
+    folded_bns = set()
+    for name, node in params.items():
+        if not isinstance(node, Mapping) or "kernel" not in node or np.ndim(node["kernel"]) < 4:
+            continue
+        bn = _bn_name(name, params)
+        if bn is None:
+            continue
+        st = stats.get(bn)
+        if not isinstance(st, Mapping) or "mean" not in st or "var" not in st:
+            problems.append(f"batch_stats/{'/'.join((*path, bn))} missing (mean and var are needed to fold)")
+            continue
+        kernel = np.asarray(node["kernel"])
+        f64 = np.float64
+        alpha = np.asarray(params[bn]["scale"], f64) / np.sqrt(np.asarray(st["var"], f64) + eps)
+        b = np.asarray(node["bias"], f64) if "bias" in node else 0.0
+        bias = (b - np.asarray(st["mean"], f64)) * alpha + np.asarray(params[bn]["bias"], f64)
+        # alpha (..., C) against a kernel (..., kh, kw, in, C): insert the three conv axes.
+        a = alpha.reshape(alpha.shape[:-1] + (1, 1, 1) + alpha.shape[-1:])
+        out[name] = {"kernel": (kernel.astype(f64) * a).astype(kernel.dtype), "bias": bias.astype(kernel.dtype)}
+        folded_bns.add(bn)
+    for name, node in params.items():
+        if name in out or name in folded_bns:
+            continue
+        if isinstance(node, Mapping):
+            sub = stats.get(name, {}) if isinstance(stats, Mapping) else {}
+            out[name] = _fold_tree(node, sub if isinstance(sub, Mapping) else {}, eps, (*path, name), problems)
+        else:
+            out[name] = node
+    return out
+
+
+def fold_batchnorm(variables: Mapping[str, Any], eps: float = 1e-5) -> dict[str, Any]:
+    """Variables of ``ResNet(fold_bn=True)``: every BatchNorm folded into its conv.
+
+    Args:
+        variables: ``{"params": ..., "batch_stats": ...}`` of a ResNet
+            (unrolled or stacked; with or without conv biases).
+        eps: the BatchNorms' epsilon (``ResNet.bn_eps``, torch's 1e-5).
+
+    Returns:
+        ``{"params": ...}`` (numpy arrays): each conv with ``kernel`` and
+        ``bias``, no BatchNorm parameters and no ``batch_stats``.
+
+    Raises:
+        ConversionError: a BatchNorm lacks its running statistics.
+    """
+    if "batch_stats" not in variables:
+        raise ConversionError("folded Flax variables", other=["no batch_stats: the running statistics are needed to fold"])
+    problems: list[str] = []
+    params = _fold_tree(variables["params"], variables["batch_stats"], eps, (), problems)
+    if problems:
+        raise ConversionError("folded Flax variables", other=problems)
+    return {"params": params}
+
+
+def fold(model, variables: Mapping[str, Any]):
+    """``(model.clone(fold_bn=True), fold_batchnorm(variables))``: a faster eval-only model."""
+    return model.clone(fold_bn=True), fold_batchnorm(variables, eps=model.bn_eps)
+
+
+
+# XLA CPU compile options measured to help ResNets (see benchmarks/); pass as
+# ``jax.jit(f, compiler_options=CPU_COMPILER_OPTIONS)``. Per-executable, so
+# they do not change other computations of the process.
+CPU_COMPILER_OPTIONS: dict[str, Any] = {}
