@@ -231,26 +231,28 @@ def _jitted(model, what: str):
     """jit-compiled Flax computations, cached per (model, what)."""
 
     def loss_fn(params, batch_stats, x, y):
-        logits, new = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, new["batch_stats"]
+        feats, new = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, blocks=True, method="intermediates", mutable=["batch_stats"]
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(feats["logits"], y).mean()
+        return loss, (feats, new["batch_stats"])
 
     if what == "eval":
         return jax.jit(lambda v, x: model.apply(v, x, train=False, blocks=True, method="intermediates"))
     if what == "train":
         return jax.jit(lambda v, x: model.apply(v, x, train=True, blocks=True, method="intermediates", mutable=["batch_stats"]))
-    if what == "grad":
+    if what == "grad":  # the train-mode forward comes with it: one compile for both modes
 
         def grad(v, x, y):
-            (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(v["params"], v["batch_stats"], x, y)
-            return loss, g
+            (loss, (feats, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(v["params"], v["batch_stats"], x, y)
+            return loss, g, feats, stats
 
         return jax.jit(grad)
     if what == "step":
         tx = make_sgd()
 
         def step(params, stats, opt_state, x, y):
-            (_, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
+            (_, (_, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
             updates, opt_state = tx.update(g, opt_state, params)
             return optax.apply_updates(params, updates), stats, opt_state
 
@@ -271,13 +273,16 @@ def _flax_side(model, variables, x: np.ndarray, labels: np.ndarray, layout: str,
     is_stat = lambda k: k.endswith(("running_mean", "running_var"))  # noqa: E731
     if "eval" in modes:
         out["eval"] = {k: np.asarray(v) for k, v in _jitted(model, "eval")(variables, x).items()}
-    if "train" in modes:
+    if "grad" in modes:
+        loss, g, feats, stats = _jitted(model, "grad")(variables, x, y)
+        new = {"batch_stats": stats}
+    elif "train" in modes:
         feats, new = _jitted(model, "train")(variables, x)
+    if "train" in modes:
         res = {k: np.asarray(v) for k, v in feats.items()}
         res.update(as_torch({"params": variables["params"], **new}, "stat", is_stat))
         out["train"] = res
     if "grad" in modes:
-        loss, g = _jitted(model, "grad")(variables, x, y)
         res = {"loss": np.asarray(loss)}
         res.update(as_torch({"params": g, "batch_stats": variables["batch_stats"]}, "grad", lambda k: not is_stat(k) and "num_batches" not in k))
         out["grad"] = res
