@@ -64,8 +64,12 @@ def test_depths_eval_train_grad(arch, layout, dtype):
     assert any(p.name == "running_var layer4" for p in r.points)  # running stats were compared
 
 
-@pytest.mark.parametrize("arch", OTHER_ARCHS)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+# The 101-layer Wide/ResNeXt variants share every code path with their 50-layer
+# siblings; CI proves their structure in float64 and keeps fp32 to the 50s.
+OTHER_CASES = [(a, d) for a in OTHER_ARCHS for d in ("float32", "float64") if d == "float64" or "101" not in a]
+
+
+@pytest.mark.parametrize("arch,dtype", OTHER_CASES)
 def test_other_architectures_eval_train_grad(arch, dtype):
     check(harness.run_parity(ref(arch, "torchvision"), x_(4, 3, 64, 64), modes=("eval", "train", "grad"), dtype=dtype))
 
