@@ -130,20 +130,44 @@ def _images(batch: int, nhwc: bool):
 # Workers: one measurement each, in a fresh process; print one JSON line.
 
 
-def _flax_model(task, variables_needed=True):
+def _round_robin(fns: dict, repeats: int, budget_s: float | None, batch: int) -> dict:
+    """Times several callables in turns (one call of each per round), so load drift hits all alike.
+
+    One warm-up call each, then up to ``repeats`` rounds; with ``budget_s``,
+    stops after at least 2 rounds once the timed calls used the budget.
+    """
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    used = 0.0
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t
+            times[k].append(dt)
+            used += dt
+        if budget_s is not None and len(times[next(iter(times))]) >= 2 and used > budget_s:
+            break
+    return {k: {"img_s": batch / statistics.median(ts), "median_s": statistics.median(ts), "times": ts} for k, ts in times.items()}
+
+
+def _flax_model(arch: str, dtype: str, variant: str, kind: str):
     import jax
     import jax.numpy as jnp
 
     import flax_resnet
     from flax_resnet import inference
 
-    sd = _state_dict(task["arch"])
-    scan = task.get("variant") in ("scan", "scan_remat")
-    model, variables = flax_resnet.from_torch(sd, scan_blocks=scan, remat=task.get("variant") == "scan_remat")
-    if task["dtype"] == "bf16":
+    sd = _state_dict(arch)
+    model, variables = flax_resnet.from_torch(sd, scan_blocks="scan" in variant, remat="remat" in variant)
+    if dtype == "bf16":
         model = model.clone(dtype=jnp.bfloat16)
-    if task.get("variant") == "fold":
-        model, variables = inference.fold(model, variables)
+    if "fast" in variant:
+        if kind == "eval":
+            model, variables = inference.fast_eval_model(model, variables)
+        else:
+            model = model.clone(conv_as_dot=True)
     return model, jax.device_put(variables)
 
 
@@ -154,67 +178,79 @@ def _compiler_options(task):
 
 
 def worker_flax_eval(task):
+    """Flax eval forward, one or more variants (``jit``: the plain model; ``fast``: folded, dots, chunked)."""
     import jax
 
-    model, variables = _flax_model(task)
+    from flax_resnet import inference
+
     x, _ = _images(task["batch"], nhwc=True)
     x = jax.device_put(x)
-    f = jax.jit(lambda v, x: model.apply(v, x), compiler_options=_compiler_options(task))
-    t0 = time.perf_counter()
-    compiled = f.lower(variables, x).compile()
-    compile_s = time.perf_counter() - t0
-    med, times = _median_time(lambda: compiled(variables, x).block_until_ready(), task["repeats"], budget_s=task.get("budget_s"))
-    return {"img_s": task["batch"] / med, "median_s": med, "times": times, "compile_s": compile_s}
+    fns, compile_s = {}, {}
+    for variant in task["variants"]:
+        model, variables = _flax_model(task["arch"], task["dtype"], variant, "eval")
+        chunk = task.get("chunk") if variant == "fast" else None
+        f = inference.predict_fn(model, chunk=chunk, compiler_options=_compiler_options(task))
+        t0 = time.perf_counter()
+        compiled = f.lower(variables, x).compile()
+        compile_s[variant] = time.perf_counter() - t0
+        fns[variant] = lambda c=compiled, v=variables: c(v, x).block_until_ready()
+    out = _round_robin(fns, task["repeats"], task.get("budget_s"), task["batch"])
+    for k in out:
+        out[k]["compile_s"] = compile_s[k]
+    return {"variants": out}
 
 
 def worker_flax_train(task):
+    """Flax train step (jit, donated state), one or more variants (``jit``, ``fast`` = conv_as_dot)."""
     import jax
-    import jax.numpy as jnp
     import optax
 
-    model, variables = _flax_model(task)
     x, labels = _images(task["batch"], nhwc=True)
     x, labels = jax.device_put(x), jax.device_put(labels)
     tx = optax.sgd(0.1, momentum=0.9)
-    params, stats = variables["params"], variables["batch_stats"]
-    opt_state = tx.init(params)
+    fns, compile_s = {}, {}
+    for variant in task["variants"]:
+        model, variables = _flax_model(task["arch"], task["dtype"], variant, "train")
 
-    def step(params, stats, opt_state, x, y):
-        def loss_fn(p):
-            logits, new = model.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new["batch_stats"]
+        def step(params, stats, opt_state, x, y, model=model):
+            def loss_fn(p):
+                logits, new = model.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new["batch_stats"]
 
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+            (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
-    f = jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=_compiler_options(task))
-    t0 = time.perf_counter()
-    compiled = f.lower(params, stats, opt_state, x, labels).compile()
-    compile_s = time.perf_counter() - t0
-    state = [params, stats, opt_state]
+        state = [variables["params"], variables["batch_stats"], tx.init(variables["params"])]
+        f = jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=_compiler_options(task))
+        t0 = time.perf_counter()
+        compiled = f.lower(*state, x, labels).compile()
+        compile_s[variant] = time.perf_counter() - t0
 
-    def run():
-        state[0], state[1], state[2], loss = compiled(state[0], state[1], state[2], x, labels)
-        loss.block_until_ready()
+        def run(c=compiled, state=state):
+            state[0], state[1], state[2], loss = c(state[0], state[1], state[2], x, labels)
+            loss.block_until_ready()
 
-    med, times = _median_time(run, task["repeats"], budget_s=task.get("budget_s"))
-    return {"img_s": task["batch"] / med, "median_s": med, "times": times, "compile_s": compile_s}
+        fns[variant] = run
+    out = _round_robin(fns, task["repeats"], task.get("budget_s"), task["batch"])
+    for k in out:
+        out[k]["compile_s"] = compile_s[k]
+    return {"variants": out}
 
 
-def _torch_model(task):
+def _torch_model(arch: str, batch: int, layout: str):
     import numpy as np
     import torch
 
     import torch_ref
 
     torch.manual_seed(0)
-    model = torch_ref.ResNet(task["arch"], num_classes=NUM_CLASSES)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in _state_dict(task["arch"]).items()}, strict=False)
-    cl = task["layout"] == "cl"
+    model = torch_ref.ResNet(arch, num_classes=NUM_CLASSES)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in _state_dict(arch).items()}, strict=False)
+    cl = layout == "cl"
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    x, labels = _images(task["batch"], nhwc=False)
+    x, labels = _images(batch, nhwc=False)
     xt = torch.from_numpy(x)
     if cl:
         xt = xt.contiguous(memory_format=torch.channels_last)
@@ -222,50 +258,62 @@ def _torch_model(task):
 
 
 def worker_torch_eval(task):
+    """torch eval forward, variants ``nchw``, ``cl`` (channels_last) and ``compile`` (torch.compile, channels_last)."""
     import torch
 
-    model, x, _ = _torch_model(task)
-    model.eval()
     bf16 = task["dtype"] == "bf16"
-    fn = torch.compile(model) if task.get("compile") else model
+    fns, first = {}, {}
+    for variant in task["variants"]:
+        model, x, _ = _torch_model(task["arch"], task["batch"], "nchw" if variant == "nchw" else "cl")
+        model.eval()
+        fn = torch.compile(model) if variant == "compile" else model
 
-    def run():
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            fn(x)
+        def run(fn=fn, x=x):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                fn(x)
 
-    t0 = time.perf_counter()
-    run()  # compiles under torch.compile
-    first_s = time.perf_counter() - t0
-    med, times = _median_time(run, task["repeats"], budget_s=task.get("budget_s"))
-    return {"img_s": task["batch"] / med, "median_s": med, "times": times, "first_call_s": first_s}
+        t0 = time.perf_counter()
+        run()  # torch.compile compiles here
+        first[variant] = time.perf_counter() - t0
+        fns[variant] = run
+    out = _round_robin(fns, task["repeats"], task.get("budget_s"), task["batch"])
+    for k in out:
+        out[k]["first_call_s"] = first[k]
+    return {"variants": out}
 
 
 def worker_torch_train(task):
+    """torch train step (SGD momentum), variants ``nchw``, ``cl`` and ``compile``."""
     import torch
     import torch.nn.functional as F
 
-    model, x, labels = _torch_model(task)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     bf16 = task["dtype"] == "bf16"
-    fn = torch.compile(model) if task.get("compile") else model
+    fns, first = {}, {}
+    for variant in task["variants"]:
+        model, x, labels = _torch_model(task["arch"], task["batch"], "nchw" if variant == "nchw" else "cl")
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        fn = torch.compile(model) if variant == "compile" else model
 
-    def run():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(fn(x), labels)
-        loss.backward()
-        opt.step()
+        def run(fn=fn, x=x, labels=labels, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(fn(x), labels)
+            loss.backward()
+            opt.step()
 
-    t0 = time.perf_counter()
-    run()
-    first_s = time.perf_counter() - t0
-    med, times = _median_time(run, task["repeats"], budget_s=task.get("budget_s"))
-    return {"img_s": task["batch"] / med, "median_s": med, "times": times, "first_call_s": first_s}
+        t0 = time.perf_counter()
+        run()
+        first[variant] = time.perf_counter() - t0
+        fns[variant] = run
+    out = _round_robin(fns, task["repeats"], task.get("budget_s"), task["batch"])
+    for k in out:
+        out[k]["first_call_s"] = first[k]
+    return {"variants": out}
 
 
 def worker_compile(task):
-    """Lower + compile time and first-call latency of a fresh ``jit``, eval or train step."""
+    """Lower + compile time and first-call latency (lower + compile + first run) of ``jit``, eval or train step."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -295,16 +343,14 @@ def worker_compile(task):
             return optax.apply_updates(v["params"], updates), stats, loss
 
     t0 = time.perf_counter()
-    lowered = jax.jit(fn).lower(variables, x, labels)
+    lowered = jax.jit(fn, compiler_options=_compiler_options(task)).lower(variables, x, labels)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
     jax.block_until_ready(compiled(variables, x, labels))
     t3 = time.perf_counter()
-    # First-call latency of a fresh jit (trace + lower + compile + run), as a user sees it.
-    t4 = time.perf_counter()
-    jax.block_until_ready(jax.jit(lambda *a: fn(*a))(variables, x, labels))
-    first = time.perf_counter() - t4
+    # First-call latency as a user sees it: trace + lower + compile + the first run.
+    first = t3 - t0
     return {"lower_s": t1 - t0, "compile_s": t2 - t1, "run_s": t3 - t2, "first_call_s": first}
 
 
@@ -474,53 +520,66 @@ class Runner:
         return res
 
 
-def section_eval(r: Runner, args) -> str:
-    head = ["arch", "dtype", "batch", "Flax jit", "Flax folded", "torch NCHW", "torch CL", "torch.compile", "Flax/torch", "folded/torch", "Flax/compile", "RSS MiB Flax/torch"]
+def _variant(res: dict, name: str) -> dict | None:
+    if not res or not res.get("ok"):
+        return None
+    return res.get("variants", {}).get(name)
+
+
+def _speed_rows(r: Runner, args, section: str, batches: list[int]) -> list[list[str]]:
     rows = []
     for arch in args.archs:
         for dtype in args.dtypes:
-            for batch in args.batches:
+            for batch in batches:
                 row = dict(arch=arch, dtype=dtype, batch=batch)
                 rep = args.repeats if batch > 1 else max(args.repeats, 10)
                 base = dict(arch=arch, dtype=dtype, batch=batch, repeats=rep, budget_s=args.budget)
-                res = {}
-                res["flax"] = r.run("eval", row, "flax", dict(base, kind="flax_eval", xla_opts=args.xla_opts))
-                res["fold"] = r.run("eval", row, "flax_fold", dict(base, kind="flax_eval", variant="fold", xla_opts=args.xla_opts))
-                res["nchw"] = r.run("eval", row, "torch_nchw", dict(base, kind="torch_eval", layout="nchw"))
-                res["cl"] = r.run("eval", row, "torch_cl", dict(base, kind="torch_eval", layout="cl"))
-                if arch in args.compile_archs:
-                    res["compile"] = r.run("eval", row, "torch_compile", dict(base, kind="torch_eval", layout="cl", compile=True), timeout=1800)
-                best = max([v for v in (_img_s(res["nchw"]), _img_s(res["cl"])) if v is not None], default=None)
-                f, fo, tc = _img_s(res["flax"]), _img_s(res["fold"]), _img_s(res.get("compile"))
+                fl = r.run(section, row, "flax", dict(base, kind=f"flax_{section}", variants=["jit", "fast"], chunk=args.chunk, xla_opts=args.xla_opts))
+                to = r.run(section, row, "torch", dict(base, kind=f"torch_{section}", variants=["nchw", "cl"]))
+                tc = None
+                if arch in args.compile_archs and (section == "eval" or args.train_compile) and (batch > 1 or section == "eval"):
+                    tc = r.run(section, row, "torch_compile", dict(base, kind=f"torch_{section}", variants=["compile"]), timeout=1800)
+                speed = lambda res, k: (_variant(res, k) or {}).get("img_s")
+                f, fa = speed(fl, "jit"), speed(fl, "fast")
+                nchw, cl, comp = speed(to, "nchw"), speed(to, "cl"), speed(tc, "compile")
+                best = max([v for v in (nchw, cl) if v], default=None)
                 ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
-                rss = f"{_fmt(res['flax'].get('peak_rss_mib'), 0)}/{_fmt(max([res[k].get('peak_rss_mib') or 0 for k in ('nchw', 'cl')]), 0)}"
-                flag = " *" if _loaded(res.values()) else ""
-                rows.append([arch, dtype, str(batch), _fmt(f), _fmt(fo), _fmt(_img_s(res["nchw"])), _fmt(_img_s(res["cl"])), _fmt(tc), ratio(f, best), ratio(fo, best), ratio(max(f or 0, fo or 0), tc), rss + flag])
-    return "### Eval forward (img/s, higher is better)\n\n" + _table(head, rows)
+                err = "; ".join(x.get("error", "") for x in (fl, to, tc) if x and not x.get("ok"))
+                flag = " *" if _loaded([fl, to, tc]) else ""
+                digits = 1 if section == "eval" else 2
+                rss = f"{_fmt(fl.get('peak_rss_mib'), 0)}/{_fmt(to.get('peak_rss_mib'), 0)}" + (f"/{_fmt(tc.get('peak_rss_mib'), 0)}" if tc else "")
+                rows.append(
+                    [arch, dtype, str(batch), _fmt(f, digits), _fmt(fa, digits), _fmt(nchw, digits), _fmt(cl, digits), _fmt(comp, digits), ratio(f, best), ratio(fa, best), ratio(fa, comp), rss + flag]
+                    + ([err] if err else [])
+                )
+    return rows
+
+
+SPEED_HEAD = ["arch", "dtype", "batch", "Flax jit", "Flax fast", "torch NCHW", "torch CL", "torch.compile", "Flax/torch", "fast/torch", "fast/compile", "RSS MiB Flax/torch/compile"]
+
+
+def section_eval(r: Runner, args) -> str:
+    rows = _speed_rows(r, args, "eval", args.batches)
+    note = (
+        f"Flax jit = `jax.jit(model.apply)` of the default model. Flax fast = `inference.fast_eval_model` (BN folded into the convs, "
+        f"1x1 convs as dots) run by `inference.predict_fn(chunk={args.chunk})`. torch.compile runs channels_last. "
+        "Ratios are against torch's best eager layout (and torch.compile). RSS: Flax process (both variants) / torch eager process (both layouts) / torch.compile process."
+    )
+    return "### Eval forward (img/s, higher is better)\n\n" + note + "\n\n" + _table(SPEED_HEAD, [r_[: len(SPEED_HEAD)] for r_ in rows]) + _errors(rows)
 
 
 def section_train(r: Runner, args) -> str:
-    head = ["arch", "dtype", "batch", "Flax jit", "torch NCHW", "torch CL", "torch.compile", "Flax/torch", "Flax/compile", "RSS MiB Flax/torch"]
-    rows = []
-    for arch in args.archs:
-        for dtype in args.dtypes:
-            for batch in args.train_batches:
-                row = dict(arch=arch, dtype=dtype, batch=batch)
-                rep = args.repeats if batch > 1 else max(args.repeats, 10)
-                base = dict(arch=arch, dtype=dtype, batch=batch, repeats=rep, budget_s=args.budget)
-                res = {}
-                res["flax"] = r.run("train", row, "flax", dict(base, kind="flax_train", xla_opts=args.xla_opts))
-                res["nchw"] = r.run("train", row, "torch_nchw", dict(base, kind="torch_train", layout="nchw"))
-                res["cl"] = r.run("train", row, "torch_cl", dict(base, kind="torch_train", layout="cl"))
-                if arch in args.compile_archs and args.train_compile:
-                    res["compile"] = r.run("train", row, "torch_compile", dict(base, kind="torch_train", layout="cl", compile=True), timeout=1800)
-                best = max([v for v in (_img_s(res["nchw"]), _img_s(res["cl"])) if v is not None], default=None)
-                f, tc = _img_s(res["flax"]), _img_s(res.get("compile"))
-                ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
-                rss = f"{_fmt(res['flax'].get('peak_rss_mib'), 0)}/{_fmt(max([res[k].get('peak_rss_mib') or 0 for k in ('nchw', 'cl')]), 0)}"
-                flag = " *" if _loaded(res.values()) else ""
-                rows.append([arch, dtype, str(batch), _fmt(f, 2), _fmt(_img_s(res["nchw"]), 2), _fmt(_img_s(res["cl"]), 2), _fmt(tc, 2), ratio(f, best), ratio(f, tc), rss + flag])
-    return "### Train step (img/s: forward, backward, SGD momentum, BN stats)\n\n" + _table(head, rows)
+    rows = _speed_rows(r, args, "train", args.train_batches)
+    note = (
+        "One step = forward in train mode (batch statistics), cross-entropy, backward, SGD momentum update, BN running stats. "
+        "Flax: the whole step under `jax.jit` with donated buffers; Flax fast = `ResNet(conv_as_dot=True)`. torch: eager (and torch.compile of the model)."
+    )
+    return "### Train step (img/s, higher is better)\n\n" + note + "\n\n" + _table(SPEED_HEAD, [r_[: len(SPEED_HEAD)] for r_ in rows]) + _errors(rows)
+
+
+def _errors(rows) -> str:
+    errs = [f"- {r_[0]} {r_[1]} batch {r_[2]}: {r_[-1]}" for r_ in rows if len(r_) > len(SPEED_HEAD)]
+    return ("\n\nErrors:\n" + "\n".join(errs)) if errs else ""
 
 
 def section_compile(r: Runner, args) -> str:
@@ -531,14 +590,17 @@ def section_compile(r: Runner, args) -> str:
             row = dict(arch=arch, mode=mode)
             res = {}
             for variant in ("unrolled", "scan"):
-                res[variant] = r.run("compile", row, variant, dict(kind="compile", arch=arch, mode=mode, variant=variant, batch=args.compile_batch))
+                res[variant] = r.run("compile", row, variant, dict(kind="compile", arch=arch, mode=mode, variant=variant, batch=args.compile_batch, xla_opts=args.xla_opts))
             tot = {k: (v["lower_s"] + v["compile_s"]) if v.get("ok") else None for k, v in res.items()}
             first = {k: v.get("first_call_s") if v.get("ok") else None for k, v in res.items()}
             ratio = f"{tot['scan'] / tot['unrolled']:.2f}" if tot["scan"] and tot["unrolled"] else "-"
             flag = " *" if _loaded(res.values()) else ""
             rss = f"{_fmt(res['unrolled'].get('peak_rss_mib'), 0)}/{_fmt(res['scan'].get('peak_rss_mib'), 0)}"
             rows.append([arch, mode, _fmt(tot["unrolled"], 2), _fmt(tot["scan"], 2), ratio, _fmt(first["unrolled"], 2), _fmt(first["scan"], 2), rss + flag])
-    return f"### Compile time (batch {args.compile_batch}, {IMAGE}x{IMAGE}; jax.jit lower + compile, and first call of a fresh jit)\n\n" + _table(head, rows)
+    return (
+        f"### Compile time (batch {args.compile_batch}, {IMAGE}x{IMAGE}, fp32; lower + compile of `jax.jit`; first call = lower + compile + first run)\n\n"
+        + _table(head, rows)
+    )
 
 
 def section_construct(r: Runner, args) -> str:
@@ -584,6 +646,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=None, help="stop repeating once timed calls took this many seconds (>= 2 calls)")
     p.add_argument("--compile-archs", nargs="*", help="rows that also run torch.compile (default: resnet50; it compiles for minutes per row on a small CPU)")
     p.add_argument("--no-train-compile", dest="train_compile", action="store_false", help="skip torch.compile for train steps")
+    p.add_argument("--chunk", type=int, default=8, help="micro-batch of Flax fast eval (inference.predict_fn); 0 = whole batch")
     p.add_argument("--xla-opts", action="store_true", help="compile Flax with flax_resnet.inference.CPU_COMPILER_OPTIONS")
     p.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -14,13 +14,13 @@ Works on the unrolled tree and on the stacked one of
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from flax_resnet.convert import ConversionError
 
-__all__ = ["fold_batchnorm", "fold"]
+__all__ = ["fold_batchnorm", "fold", "predict_fn", "fast_eval_model", "CPU_COMPILER_OPTIONS"]
 
 
 def _bn_name(conv_name: str, siblings: Mapping[str, Any]) -> str | None:
@@ -102,3 +102,50 @@ def fold(model, variables: Mapping[str, Any]):
 # ``jax.jit(f, compiler_options=CPU_COMPILER_OPTIONS)``. Per-executable, so
 # they do not change other computations of the process.
 CPU_COMPILER_OPTIONS: dict[str, Any] = {}
+
+
+def fast_eval_model(model, variables: Mapping[str, Any]):
+    """The fastest eval-mode equivalent of ``(model, variables)`` on CPU.
+
+    BatchNorm folded into the convs (``fold``) and 1x1 convs run as matrix
+    products (``conv_as_dot``); the logits agree with ``model`` to rounding.
+    """
+    return fold(model.clone(conv_as_dot=True), variables)
+
+
+def predict_fn(model, chunk: int | None = None, method: str | None = None, compiler_options: Mapping[str, Any] | None = None) -> Callable:
+    """A jitted eval-mode forward ``f(variables, images) -> logits``.
+
+    Args:
+        model: a ``ResNet`` (e.g. from ``fast_eval_model``).
+        chunk: run the batch as micro-batches of ``chunk`` images, one after
+            another (``lax.map``), so each layer's activations stay in the
+            CPU's caches; the batch is padded up to a multiple of ``chunk``
+            and the padding dropped. Eval-mode outputs are per image, so this
+            changes nothing but speed. ``None``: the whole batch at once.
+        method: a ``ResNet`` method instead of ``__call__`` (e.g.
+            ``"features"``); its outputs must have the batch as first axis.
+        compiler_options: XLA options for this executable only
+            (e.g. ``CPU_COMPILER_OPTIONS``).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def apply(variables, x):
+        return model.apply(variables, x, method=method) if method else model.apply(variables, x)
+
+    if not chunk:
+        return jax.jit(apply, compiler_options=compiler_options)
+
+    def chunked(variables, x):
+        n = x.shape[0]
+        if n <= chunk:
+            return apply(variables, x)
+        pad = -n % chunk
+        if pad:
+            x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+        xs = x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:])
+        ys = jax.lax.map(lambda xi: apply(variables, xi), xs)
+        return jax.tree_util.tree_map(lambda y: y.reshape(-1, *y.shape[2:])[:n], ys)
+
+    return jax.jit(chunked, compiler_options=compiler_options)

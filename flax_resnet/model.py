@@ -33,6 +33,8 @@ class _Common(nn.Module):
     bn_eps: float = 1e-5
     fold_bn: bool = False
     conv_as_dot: bool = False
+    # Internal: set inside nn.scan bodies (see Stage) to spell conv gradients as canonical convs.
+    canonical_conv_grads: bool = False
 
     def conv(self, c: ConvSpec, name: str) -> nn.Conv:
         # Explicit symmetric padding as in torch; 'SAME' would pad (0, 1) at stride 2.
@@ -47,7 +49,7 @@ class _Common(nn.Module):
             param_dtype=self.param_dtype,
             precision=self.precision,
             kernel_init=_conv_init,
-            conv_general_dilated=pointwise_conv_as_dot if self.conv_as_dot else None,
+            conv_general_dilated=_conv_fn(self.conv_as_dot, self.canonical_conv_grads),
             name=name,
         )
 
@@ -105,6 +107,73 @@ def pointwise_conv_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, 
     pref = jnp.float32 if lhs.dtype in _LOW_PRECISION else None
     y = jax.lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision, preferred_element_type=pref)
     return y.astype(jnp.result_type(lhs.dtype, rhs.dtype))
+
+
+def _conv_nhwc_stride1(x, w, padding, precision):
+    """A stride-1, ungrouped NHWC/HWIO conv whose gradients are canonical NHWC/HWIO convs too.
+
+    JAX's own transpose rules express the input gradient with the kernel's
+    in/out axes swapped and the kernel gradient with batch and features
+    swapped. Inside ``while`` loops (``nn.scan``), XLA's CPU backend leaves
+    such convolutions uncanonicalized and runs them in a slow generic loop
+    (~10x slower training steps); here the swaps are explicit transposes, so
+    every conv of the backward pass is an ordinary one. Same math.
+    """
+    (pt, pb), (pl, pr) = padding
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    @jax.custom_vjp
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn, precision=precision)
+
+    def fwd(x, w):
+        return conv(x, w), (x, w)
+
+    def bwd(res, dy):
+        x, w = res
+        kh, kw = w.shape[0], w.shape[1]
+        # dx: correlate dy with the spatially flipped kernel, in/out swapped.
+        w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+        dx_pad = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
+        dx = jax.lax.conv_general_dilated(dy, w_t, (1, 1), dx_pad, dimension_numbers=dn, precision=precision)
+        # dw[kh, kw, i, o] = sum_{b,h,w} x_pad[b, h + kh, w + kw, i] dy[b, h, w, o]:
+        # a conv of x_pad as (I, H, W, B) with dy as an (H, W, B, O) kernel.
+        xt = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))).transpose(3, 1, 2, 0)
+        dw = jax.lax.conv_general_dilated(xt, dy.transpose(1, 2, 0, 3), (1, 1), "VALID", dimension_numbers=dn, precision=precision)
+        return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
+
+    conv.defvjp(fwd, bwd)
+    return conv(x, w)
+
+
+def _canonical_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    simple = (
+        dimension_numbers == _NHWC
+        and lhs.ndim == 4
+        and tuple(window_strides) == (1, 1)
+        and feature_group_count == 1
+        and not isinstance(padding, str)
+        and all(d in (None, 1) for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
+        and not kwargs
+    )
+    if not simple:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, precision=precision, **kwargs,
+        )
+    return _conv_nhwc_stride1(lhs, rhs, tuple(tuple(p) for p in padding), precision)
+
+
+def _conv_fn(as_dot: bool, canonical_grads: bool):
+    if not canonical_grads:
+        return pointwise_conv_as_dot if as_dot else None
+
+    def conv(lhs, rhs, window_strides, padding, **kw):
+        if as_dot and rhs.shape[:2] == (1, 1):
+            return pointwise_conv_as_dot(lhs, rhs, window_strides, padding, **kw)
+        return _canonical_grad_conv(lhs, rhs, window_strides, padding, **kw)
+
+    return conv
 
 
 def _folded_bn(x: jax.Array, train: bool = False) -> jax.Array:
@@ -202,7 +271,7 @@ class Stage(_Common):
             split_rngs={"params": True},
             length=len(rest),
         )
-        x, ys = scan(spec=rest[0], train=train, emit=blocks, name="rest", **kw)(y0)
+        x, ys = scan(spec=rest[0], train=train, emit=blocks, name="rest", **dict(kw, canonical_conv_grads=True))(y0)
         # Per-block outputs come back stacked from the scan (only when asked).
         outs = [y0] + ([ys[i] for i in range(len(rest))] if blocks else [])
         return x, outs
