@@ -9,8 +9,9 @@ Every measurement runs in its own subprocess (so each has a clean peak RSS
 and no framework's threads or caches leak into another's), and the
 subprocesses of one row run back to back, so the Flax/torch ratio of a row
 compares like with like. Times are medians over repeats, after a warm-up.
-The load average is recorded with every row: figures taken under load
-(> 1.5 on a 2-core machine) are flagged in the table.
+Other processes' runnable threads are sampled during every measurement
+(and the load average recorded): rows measured while other processes
+competed for the CPU are flagged with * in the table.
 
 Sections (``--sections``):
 
@@ -48,7 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-LOADED = 1.5  # load average above which a row is flagged
+LOADED = 1.5  # load average above which a row is flagged (when other processes cannot be sampled)
+OTHER_BUSY = 0.5  # mean runnable threads of other processes above which a row is flagged
 IMAGE = 224
 NUM_CLASSES = 1000
 
@@ -174,7 +176,7 @@ def _flax_model(arch: str, dtype: str, variant: str, kind: str):
 def _compiler_options(task):
     from flax_resnet import inference
 
-    return inference.CPU_COMPILER_OPTIONS if task.get("xla_opts") else None
+    return inference.FAST_COMPILE_OPTIONS if task.get("xla_opts") else None
 
 
 def worker_flax_eval(task):
@@ -320,7 +322,7 @@ def worker_compile(task):
 
     import flax_resnet
 
-    model = flax_resnet.ResNet(arch=task["arch"], scan_blocks=task["variant"] == "scan")
+    model = flax_resnet.ResNet(arch=task["arch"], scan_blocks=task["variant"].startswith("scan"), remat=task["variant"].endswith("remat"))
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     variables = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     x, labels = _images(task["batch"], nhwc=True)
@@ -461,8 +463,63 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def _other_runnable() -> int | None:
+    """Threads of other process groups that are running or runnable right now (Linux)."""
+    try:
+        me = os.getpgid(0)
+        n = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[2]) == me:  # fields: state ppid pgrp ...
+                    continue
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                            n += 1
+            except (OSError, IndexError, ValueError):
+                continue
+        return n
+    except OSError:
+        return None
+
+
+class _Sampler:
+    """Samples other processes' runnable threads every ``period`` seconds in the background."""
+
+    def __init__(self, period: float = 0.5):
+        import threading
+
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _run(self, period):
+        while not self._stop.wait(period):
+            n = _other_runnable()
+            if n is not None:
+                self.samples.append(n)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
 def run_task(task: dict, timeout: float) -> dict:
     load = os.getloadavg()[0]
+    sampler = _Sampler()
+    sampler.__enter__()
     t0 = time.perf_counter()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
@@ -476,8 +533,10 @@ def run_task(task: dict, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         out = {"ok": False, "error": f"timed out after {timeout:.0f}s"}
     out["wall_s"] = time.perf_counter() - t0
+    sampler.__exit__()
     out["load_before"] = load
     out["load_after"] = os.getloadavg()[0]
+    out["other_runnable"] = sampler.mean  # mean runnable threads of other processes during the measurement
     return out
 
 
@@ -500,7 +559,17 @@ def _img_s(res):
 
 
 def _loaded(results):
-    return any(r and max(r.get("load_before", 0), r.get("load_after", 0)) > LOADED for r in results)
+    """Whether other processes competed for the CPU during any of these measurements."""
+    for r in results:
+        if not r:
+            continue
+        other = r.get("other_runnable")
+        if other is not None:
+            if other > OTHER_BUSY:
+                return True
+        elif max(r.get("load_before", 0), r.get("load_after", 0)) > LOADED:
+            return True
+    return False
 
 
 class Runner:
@@ -513,6 +582,9 @@ class Runner:
         if self.args.verbose:
             print(f"  [{time.perf_counter() - self.t0:6.0f}s] {section} {row} {name} ...", file=sys.stderr, flush=True)
         res = run_task(task, timeout)
+        if self.args.json:  # progress survives an interrupted run
+            with open(self.args.json + ".partial.jsonl", "a") as f:
+                f.write(json.dumps({"section": section, "row": row, "name": name, "result": res}) + "\n")
         if self.args.verbose:
             extra = f"{res.get('img_s', 0):.2f} img/s" if res.get("img_s") else (res.get("error") or "")
             print(f"           -> {extra} ({res['wall_s']:.0f}s, load {res['load_before']:.1f})", file=sys.stderr, flush=True)
@@ -532,12 +604,15 @@ def _speed_rows(r: Runner, args, section: str, batches: list[int]) -> list[list[
         for dtype in args.dtypes:
             for batch in batches:
                 row = dict(arch=arch, dtype=dtype, batch=batch)
-                rep = args.repeats if batch > 1 else max(args.repeats, 10)
-                base = dict(arch=arch, dtype=dtype, batch=batch, repeats=rep, budget_s=args.budget)
+                if section == "train":
+                    rep, budget = args.train_repeats, args.train_budget
+                else:
+                    rep, budget = (args.repeats, args.budget) if batch > 1 else (max(args.repeats, 10), None)
+                base = dict(arch=arch, dtype=dtype, batch=batch, repeats=rep, budget_s=budget)
                 fl = r.run(section, row, "flax", dict(base, kind=f"flax_{section}", variants=["jit", "fast"], chunk=args.chunk, xla_opts=args.xla_opts))
                 to = r.run(section, row, "torch", dict(base, kind=f"torch_{section}", variants=["nchw", "cl"]))
                 tc = None
-                if arch in args.compile_archs and (section == "eval" or args.train_compile) and (batch > 1 or section == "eval"):
+                if arch in args.compile_archs and batch > 1 and (section == "eval" or (args.train_compile and dtype == "fp32")):
                     tc = r.run(section, row, "torch_compile", dict(base, kind=f"torch_{section}", variants=["compile"]), timeout=1800)
                 speed = lambda res, k: (_variant(res, k) or {}).get("img_s")
                 f, fa = speed(fl, "jit"), speed(fl, "fast")
@@ -583,22 +658,25 @@ def _errors(rows) -> str:
 
 
 def section_compile(r: Runner, args) -> str:
-    head = ["arch", "step", "unrolled lower+compile s", "scan lower+compile s", "scan/unrolled", "first call unrolled s", "first call scan s", "RSS MiB unrolled/scan"]
+    head = ["arch", "step", "unrolled s", "scan s", "scan/unrolled", "scan+remat s", "scan+remat/unrolled", "first call unrolled/scan/scan+remat s", "RSS MiB unrolled/scan/scan+remat"]
     rows = []
     for arch in args.compile_depths:
         for mode in args.compile_modes:
             row = dict(arch=arch, mode=mode)
             res = {}
-            for variant in ("unrolled", "scan"):
+            for variant in ("unrolled", "scan") + (("scan_remat",) if mode == "train" else ()):
                 res[variant] = r.run("compile", row, variant, dict(kind="compile", arch=arch, mode=mode, variant=variant, batch=args.compile_batch, xla_opts=args.xla_opts))
             tot = {k: (v["lower_s"] + v["compile_s"]) if v.get("ok") else None for k, v in res.items()}
             first = {k: v.get("first_call_s") if v.get("ok") else None for k, v in res.items()}
-            ratio = f"{tot['scan'] / tot['unrolled']:.2f}" if tot["scan"] and tot["unrolled"] else "-"
+            ratio = lambda k: f"{tot[k] / tot['unrolled']:.2f}" if tot.get(k) and tot["unrolled"] else "-"
             flag = " *" if _loaded(res.values()) else ""
-            rss = f"{_fmt(res['unrolled'].get('peak_rss_mib'), 0)}/{_fmt(res['scan'].get('peak_rss_mib'), 0)}"
-            rows.append([arch, mode, _fmt(tot["unrolled"], 2), _fmt(tot["scan"], 2), ratio, _fmt(first["unrolled"], 2), _fmt(first["scan"], 2), rss + flag])
+            rss = "/".join(_fmt(v.get("peak_rss_mib"), 0) for v in res.values())
+            rows.append(
+                [arch, mode, _fmt(tot["unrolled"], 2), _fmt(tot["scan"], 2), ratio("scan"), _fmt(tot.get("scan_remat"), 2), ratio("scan_remat"), "/".join(_fmt(v, 1) for v in first.values()), rss + flag]
+            )
     return (
-        f"### Compile time (batch {args.compile_batch}, {IMAGE}x{IMAGE}, fp32; lower + compile of `jax.jit`; first call = lower + compile + first run)\n\n"
+        f"### Compile time (batch {args.compile_batch}, {IMAGE}x{IMAGE}, fp32; `jax.jit(...).lower()` + `.compile()`; first call = lower + compile + first run)\n\n"
+        "eval = `model.apply`; train = loss, gradients and an SGD update. scan = `ResNet(scan_blocks=True)`, + remat = `remat=True`.\n\n"
         + _table(head, rows)
     )
 
@@ -642,12 +720,14 @@ def main(argv=None) -> int:
     p.add_argument("--train-batches", nargs="+", type=int, help="train batch sizes (default 32; quick: 32)")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], help="default fp32 bf16")
     p.add_argument("--sections", nargs="+", choices=["eval", "train", "compile", "construct"], default=["eval", "train", "compile", "construct"])
-    p.add_argument("--repeats", type=int, help="timed calls per measurement (median; default 5, quick 3)")
-    p.add_argument("--budget", type=float, default=None, help="stop repeating once timed calls took this many seconds (>= 2 calls)")
-    p.add_argument("--compile-archs", nargs="*", help="rows that also run torch.compile (default: resnet50; it compiles for minutes per row on a small CPU)")
-    p.add_argument("--no-train-compile", dest="train_compile", action="store_false", help="skip torch.compile for train steps")
+    p.add_argument("--repeats", type=int, help="eval rounds per measurement (median; default 5, quick 3; batch 1: at least 10)")
+    p.add_argument("--budget", type=float, default=None, help="eval: stop after >= 2 rounds once the timed calls took this many seconds (default 6)")
+    p.add_argument("--train-repeats", type=int, default=3, help="train rounds per measurement (median; default 3)")
+    p.add_argument("--train-budget", type=float, default=8.0, help="train: stop after >= 2 rounds once the timed calls took this many seconds")
+    p.add_argument("--compile-archs", nargs="*", help="architectures whose batch>1 rows also run torch.compile (default: resnet50; it compiles for minutes per row on a small CPU)")
+    p.add_argument("--no-train-compile", dest="train_compile", action="store_false", help="skip torch.compile for train steps (run for fp32 rows only)")
     p.add_argument("--chunk", type=int, default=8, help="micro-batch of Flax fast eval (inference.predict_fn); 0 = whole batch")
-    p.add_argument("--xla-opts", action="store_true", help="compile Flax with flax_resnet.inference.CPU_COMPILER_OPTIONS")
+    p.add_argument("--xla-opts", action="store_true", help="compile Flax with flax_resnet.inference.FAST_COMPILE_OPTIONS")
     p.add_argument("--verbose", "-v", action="store_true", help="progress on stderr")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -662,7 +742,7 @@ def main(argv=None) -> int:
     args.dtypes = args.dtypes or ["fp32", "bf16"]
     args.repeats = args.repeats or (3 if q else 5)
     if args.budget is None:
-        args.budget = 8.0 if q else 12.0
+        args.budget = 6.0
     args.compile_archs = args.compile_archs if args.compile_archs is not None else ([] if q else ["resnet50"])
     args.compile_depths = ["resnet50", "resnet152"] if q else ["resnet50", "resnet101", "resnet152"]
     args.compile_modes = ["eval", "train"]
@@ -678,9 +758,17 @@ def main(argv=None) -> int:
     print(f"Machine: {info.get('cpu')}, {info['cores']} cores ({', '.join(info.get('cpu_features', []))}); {info.get('jax_device')}")
     v = info["versions"]
     print(f"Versions: jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, torch {v['torch']}, numpy {v['numpy']}; python {info['python']}")
-    print(f"XLA_FLAGS: {info['xla_flags'] or '(none)'}; Flax compiler options: {'CPU_COMPILER_OPTIONS' if args.xla_opts else 'defaults'}")
-    print(f"Load average at start: {load0[0]:.2f} (rows marked * ran with load > {LOADED})")
-    print(f"Medians of up to {args.repeats} timed calls after a warm-up (batch 1: 10), each measurement in its own process.")
+    print(f"XLA_FLAGS: {info['xla_flags'] or '(none)'}; Flax compiler options: {'FAST_COMPILE_OPTIONS' if args.xla_opts else 'defaults'}")
+    other = _other_runnable()
+    print(
+        f"Load average at start: {load0[0]:.2f}; other processes' runnable threads: {other}. "
+        f"Rows marked * had other processes running (> {OTHER_BUSY} runnable threads on average) while measured."
+    )
+    print(
+        f"Medians over rounds after one warm-up call: eval up to {args.repeats} rounds (batch 1: 10), train up to {args.train_repeats}, "
+        f"stopping after 2 rounds once {args.budget:.0f}/{args.train_budget:.0f} s were spent; "
+        "each framework in its own process, its variants timed in turns."
+    )
     print()
     sys.stdout.flush()
 

@@ -6,6 +6,7 @@ Module names are torch's (``conv1``, ``bn1``, ``layer1/0/conv2``,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -164,7 +165,9 @@ def _canonical_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     return _conv_nhwc_stride1(lhs, rhs, tuple(tuple(p) for p in padding), precision)
 
 
+@functools.lru_cache(maxsize=None)
 def _conv_fn(as_dot: bool, canonical_grads: bool):
+    """The ``conv_general_dilated`` for ``nn.Conv`` (one stable function per setting)."""
     if not canonical_grads:
         return pointwise_conv_as_dot if as_dot else None
 
