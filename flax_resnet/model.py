@@ -165,16 +165,81 @@ def _canonical_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     return _conv_nhwc_stride1(lhs, rhs, tuple(tuple(p) for p in padding), precision)
 
 
+def _grouped_conv_nhwc(x, w, strides, padding, groups, precision):
+    """A grouped NHWC/HWIO conv whose kernel gradient is ``kh * kw`` batched matrix products.
+
+    XLA's CPU backend runs the kernel gradient of a grouped conv (a conv with
+    ``batch_group_count``) in a slow generic loop: ResNeXt-101's 3x3 convs
+    took ~100x longer than an ungrouped conv of the same size. Here each
+    kernel offset's gradient is one ``dot_general`` batched over groups,
+    contracting batch and space: the same products and sums.
+    """
+    (pt, pb), (pl, pr) = padding
+    sh, sw = strides
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def plain(x, w):
+        return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn, feature_group_count=groups, precision=precision)
+
+    @jax.custom_vjp
+    def conv(x, w):
+        return plain(x, w)
+
+    def fwd(x, w):
+        return plain(x, w), (x, w)
+
+    def bwd(res, dy):
+        x, w = res
+        (dx,) = jax.vjp(lambda x: plain(x, w), x)[1](dy)
+        kh, kw, ci, out = w.shape
+        n, ho, wo, _ = dy.shape
+        co = out // groups
+        xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+        dyg = dy.reshape(n * ho * wo, groups, co)
+        acc = jnp.float32 if dy.dtype in _LOW_PRECISION else None
+        taps = []
+        for i in range(kh):
+            for j in range(kw):
+                xs = jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, xp.shape[3]), (1, sh, sw, 1))
+                xs = xs.reshape(n * ho * wo, groups, ci)
+                # (rows, G, Ci) x (rows, G, Co) -> (G, Ci, Co), batched over groups.
+                taps.append(jax.lax.dot_general(xs, dyg, (((0,), (0,)), ((1,), (1,))), precision=precision, preferred_element_type=acc))
+        dw = jnp.stack(taps).reshape(kh, kw, groups, ci, co).transpose(0, 1, 3, 2, 4).reshape(kh, kw, ci, out)
+        return dx, dw.astype(w.dtype)
+
+    conv.defvjp(fwd, bwd)
+    return conv(x, w)
+
+
+def _grouped_or_default(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    grouped = (
+        feature_group_count > 1
+        and dimension_numbers == _NHWC
+        and lhs.ndim == 4
+        and not isinstance(padding, str)
+        and all(d in (None, 1) for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
+        and not kwargs
+    )
+    if grouped:
+        return _grouped_conv_nhwc(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding), feature_group_count, precision)
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, precision=precision, **kwargs,
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def _conv_fn(as_dot: bool, canonical_grads: bool):
     """The ``conv_general_dilated`` for ``nn.Conv`` (one stable function per setting)."""
-    if not canonical_grads:
-        return pointwise_conv_as_dot if as_dot else None
 
     def conv(lhs, rhs, window_strides, padding, **kw):
         if as_dot and rhs.shape[:2] == (1, 1):
             return pointwise_conv_as_dot(lhs, rhs, window_strides, padding, **kw)
-        return _canonical_grad_conv(lhs, rhs, window_strides, padding, **kw)
+        if kw.get("feature_group_count", 1) > 1:
+            return _grouped_or_default(lhs, rhs, window_strides, padding, **kw)
+        if canonical_grads:
+            return _canonical_grad_conv(lhs, rhs, window_strides, padding, **kw)
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
 
     return conv
 

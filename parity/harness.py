@@ -12,13 +12,27 @@ Every comparison is relative to a float64 torch run of the same model:
   precision (``torch.autocast`` bfloat16; TF32 allowed), never tighter than
   ``BF16_FLOOR``/``FP32_FLOOR``.
 
-Errors are ``max|flax - ref| / max|ref|`` per point. Gradients and optimizer
-steps in reduced precision use the 99th percentile of ``|flax - ref|`` over
-all entries of a stage's tensors instead of the max: a gradient through ReLU is discontinuous, and
-where an activation lies within fp32 rounding of zero, either framework's
-fp32 run can land on the other side of the kink and change one channel's
-gradient by O(1) (torch's own fp32 run does so too). Those isolated flips are
-rounding, not structure; float64 (max, 1e-9) is what proves the structure.
+Errors are ``max|flax - ref| / max|ref|`` per point.
+
+Gradients and optimizer steps (every dtype but float64) are judged
+differently, because in fp32 they are chaotic: a train-mode gradient passes
+through every ReLU and max-pool, and an activation within rounding of a kink
+lands on either side depending on the summation order, changing that
+position's gradient by O(1); train-mode BatchNorm then spreads the change
+over the whole channel and every layer below it. Torch disagrees with
+itself this way: on the ResNeXt-50 fixture of the tests, its stem gradient is
+5.9e-5 of max|grad| from the float64 truth with 2 threads, 4.7e-6 in
+channels_last and 4.0e-3 with one thread. So for these points
+
+* torch's own error is the largest over ``torch_variants()``: the default
+  run, channels_last, and one thread on CPU (cuDNN autotuned algorithms on
+  CUDA), all equally valid fp32 executions;
+* the error statistic is the 99th percentile of ``|flax - ref|`` over all
+  entries of a stage's tensors (isolated flips in one tensor are rounding,
+  not structure), over ``max|ref|`` of the stage;
+* the rule is the same 2x, against that spread.
+
+float64 (max, 1e-9) is what proves the gradients' structure.
 Points are reported in network order, so the first failing one says where
 parity broke.
 """
@@ -47,11 +61,6 @@ MODES = ("eval", "train", "grad", "steps")
 FP32_FLOOR = 1e-6
 FP64_TOL = {"eval": 1e-10, "train": 1e-9, "grad": 1e-9, "steps": 1e-9}
 BF16_FLOOR = 1e-2
-# Reduced-precision gradients and steps: 4x torch's own error (p99, see above).
-# Measured worst case: ResNet-152 layer4 gradients at 2.9x torch fp32's own
-# p99 error (6.5e-4 vs 2.3e-4 of max|grad|) on one fixture; eval and train
-# forwards stay within 2x everywhere.
-GRAD_FACTOR = 4.0
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
 
 
@@ -82,6 +91,7 @@ class Report:
     size: tuple[int, int]
     device: str
     points: list[Point]
+    torch_variants: tuple[str, ...] = ()  # torch runs whose largest error is "torch own" for grad/steps
 
     @property
     def passed(self) -> bool:
@@ -118,6 +128,8 @@ class Report:
         lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         ff = self.first_failure
         n = len(self.points)
+        if self.torch_variants and any(p.mode in ("grad", "steps") for p in self.points):
+            lines += ["", f"grad/steps: p99 of each stage's errors; torch own = the largest of torch runs {', '.join(self.torch_variants)}"]
         lines += ["", f"PASS: all {n} points within tolerance" if ff is None else f"FAIL: first failure at {ff.mode} {ff.name}"]
         return "\n".join(lines)
 
@@ -173,14 +185,40 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a  # NCHW -> NHWC for comparison
 
 
-def _torch_side(model: torch.nn.Module, x: np.ndarray, labels: np.ndarray, modes: Sequence[str], steps: int, autocast_bf16: bool = False) -> dict[str, dict[str, np.ndarray]]:
+# CPU: one thread changes how every reduction is split; CUDA: cuDNN's
+# autotuner picks other algorithms.
+def torch_variants() -> tuple[str, ...]:
+    """The torch executions whose spread is the gradient noise floor (see ``run_parity``)."""
+    return ("default", "channels_last", "cudnn_benchmark" if torch_device().type == "cuda" else "one_thread")
+
+
+@contextlib.contextmanager
+def _torch_variant(variant: str) -> Iterator[None]:
+    threads, bench = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    try:
+        if variant == "one_thread":
+            torch.set_num_threads(1)
+        elif variant == "cudnn_benchmark":
+            torch.backends.cudnn.benchmark = True
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = bench
+
+
+def _torch_side(
+    model: torch.nn.Module, x: np.ndarray, labels: np.ndarray, modes: Sequence[str], steps: int, autocast_bf16: bool = False, variant: str = "default"
+) -> dict[str, dict[str, np.ndarray]]:
     dev = torch_device()
     dtype = next(model.parameters()).dtype
     xt = torch.from_numpy(x).to(dev, dtype)
     yt = torch.from_numpy(labels).to(dev)
+    if variant == "channels_last":
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        xt = xt.contiguous(memory_format=torch.channels_last)
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
     out: dict[str, dict[str, np.ndarray]] = {}
-    with ctx:
+    with ctx, _torch_variant(variant):
         if "eval" in modes:
             m = copy.deepcopy(model).to(dev).eval()
             with torch.no_grad():
@@ -331,8 +369,12 @@ def _group_err(side: dict, ref: dict, keys: list[str]) -> float:
     return float(np.quantile(d, 0.99)) if d.size else 0.0
 
 
-def _points(mode: str, ref: dict, flax: dict, own: dict | None, tol_rule, robust: bool = False) -> list[Point]:
-    """Per-point errors; keyed tensors ('grad:...', 'stat:...') are grouped by stage."""
+def _points(mode: str, ref: dict, flax: dict, own: list[dict] | None, tol_rule, robust: bool = False) -> list[Point]:
+    """Per-point errors; keyed tensors ('grad:...', 'stat:...') are grouped by stage.
+
+    ``own`` holds torch's runs at the compared dtype; a point's ``torch_rel``
+    is the largest of their errors.
+    """
     groups: dict[str, list[str]] = {}
     for k in ref:
         groups.setdefault(_group(k) if ":" in k else k, []).append(k)
@@ -345,8 +387,8 @@ def _points(mode: str, ref: dict, flax: dict, own: dict | None, tol_rule, robust
         worst = max(errs, key=errs.get)
         err = _group_err(flax, ref, keys) if rob else errs[worst]
         torch_rel = None
-        if own is not None:
-            torch_rel = (_group_err(own, ref, keys) if rob else max(_err(own[k], ref[k], False) for k in keys)) / scale
+        if own:
+            torch_rel = max((_group_err(o, ref, keys) if rob else max(_err(o[k], ref[k], False) for k in keys)) for o in own) / scale
         points.append(Point(mode, name, err, err / scale, tol_rule(mode, torch_rel), torch_rel, worst if len(keys) > 1 else None))
     return points
 
@@ -400,14 +442,21 @@ def run_parity(
             own = None
             rule = lambda mode, _: FP64_TOL[mode]  # noqa: E731
         else:
-            own = _torch_side(copy.deepcopy(torch_model).float(), x64.astype(np.float32), labels, modes, steps, autocast_bf16=dtype == "bfloat16")
+            x32, bf16 = x64.astype(np.float32), dtype == "bfloat16"
+            first = _torch_side(copy.deepcopy(torch_model).float(), x32, labels, modes, steps, autocast_bf16=bf16)
+            own = {mode: [res] for mode, res in first.items()}
+            keyed = [m for m in modes if m in ("grad", "steps")]
+            for variant in torch_variants()[1:] if keyed else ():
+                for mode, res in _torch_side(copy.deepcopy(torch_model).float(), x32, labels, keyed, steps, autocast_bf16=bf16, variant=variant).items():
+                    own[mode].append(res)
             model, variables = flax_resnet.from_torch(sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None, stride_in_1x1=v1)
             flax = _flax_side(model, variables, x64.astype(np.float32), labels, cfg.layout, modes, steps)
             floor = BF16_FLOOR if dtype == "bfloat16" else FP32_FLOOR
-            rule = lambda mode, torch_rel: max((GRAD_FACTOR if mode in ("grad", "steps") else 2.0) * torch_rel, floor)  # noqa: E731
+            rule = lambda mode, torch_rel: max(2.0 * torch_rel, floor)  # noqa: E731
 
     points: list[Point] = []
     for mode in modes:
         robust = dtype != "float64" and mode in ("grad", "steps")
         points += _points(mode, ref[mode], flax[mode], own[mode] if own else None, rule, robust)
-    return Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), describe_devices(), points)
+    variants = torch_variants() if own and any(m in ("grad", "steps") for m in modes) else ()
+    return Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), describe_devices(), points, variants)

@@ -99,3 +99,27 @@ def test_features_and_train_keyword():
     assert model.apply(v, x).shape == (2, 7)
     with pytest.raises(Exception):  # train=True without mutable batch_stats must not silently pass
         model.apply(v, x, train=True)
+
+
+@pytest.mark.parametrize("stride,groups", [(1, 32), (2, 4)])
+def test_grouped_conv_gradients_equal_lax(stride, groups):
+    """ResNeXt's grouped convs: custom kernel gradient (batched matmuls) == JAX's conv transpose."""
+    from flax_resnet.model import _NHWC, _conv_fn
+
+    rng = np.random.default_rng(0)
+    args = ((stride, stride), ((1, 1), (1, 1)))
+    ours = lambda x, w: _conv_fn(False, False)(x, w, *args, dimension_numbers=_NHWC, feature_group_count=groups)  # noqa: E731
+    lax = lambda x, w: jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)  # noqa: E731
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((3, 9, 9, 64)))
+        w = jnp.asarray(rng.standard_normal((3, 3, 64 // groups, 128)))
+        dy = jnp.asarray(rng.standard_normal(lax(x, w).shape))
+        want = jax.vjp(lax, x, w)[1](dy)
+        got = jax.jit(lambda x, w, dy: jax.vjp(ours, x, w)[1](dy))(x, w, dy)
+        for g, wt in zip(got, want):
+            assert g.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(g), np.asarray(wt), rtol=0, atol=1e-12 * float(jnp.abs(wt).max()))
+    bf = [a.astype(jnp.bfloat16) for a in (x, w, dy)]
+    dw = jax.vjp(ours, *bf[:2])[1](bf[2])[1]
+    assert dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(want[1], np.float32), rtol=0, atol=2e-2 * float(jnp.abs(want[1]).max()))
