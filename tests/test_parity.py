@@ -20,7 +20,24 @@ DEPTHS = ["resnet50", "resnet101", "resnet152"]
 OTHER_ARCHS = [a for a in ARCHS if a not in DEPTHS]
 
 
-@functools.lru_cache(maxsize=2)
+@pytest.fixture(autouse=True)
+def _release_compiled():
+    """Drops compiled executables and cached models after each test.
+
+    The 100M-parameter models' executables and tensors otherwise pile up in a
+    long-lived xdist worker (two workers passed 19 GiB of 24 together).
+    """
+    yield
+    import gc
+
+    import jax
+
+    harness._jitted.cache_clear()
+    jax.clear_caches()
+    gc.collect()
+
+
+@functools.lru_cache(maxsize=1)
 def ref(arch, layout, num_classes=1000, img_channels=3, stride_in_1x1=False):
     return reference_model(arch, layout, num_classes=num_classes, img_channels=img_channels, stride_in_1x1=stride_in_1x1)
 
