@@ -97,11 +97,11 @@ def fold(model, variables: Mapping[str, Any]):
     return model.clone(fold_bn=True), fold_batchnorm(variables, eps=model.bn_eps)
 
 
-
-# XLA CPU options for faster compiles: the legacy (non-MLIR) fusion emitters
-# compile each kernel about twice as fast (ResNet-152 train step with
-# scan_blocks: 23.6 s -> 11.7 s), for a few % of runtime (ResNet-50 eval
-# -4%). Per executable: ``jax.jit(f, compiler_options=FAST_COMPILE_OPTIONS)``
+# XLA CPU options: the legacy (non-MLIR) fusion emitters. They halved the
+# compile of ResNet-152's train step with scan_blocks (23.6 s -> 11.7 s) but
+# slowed the unrolled model's gradient compile (21.3 s -> 34.0 s, batch 4,
+# 64x64) and ResNet-50 eval by ~4%: measure before using. Per executable:
+# ``jax.jit(f, compiler_options=FAST_COMPILE_OPTIONS)``
 # (``predict_fn(..., compiler_options=...)``); other computations keep the
 # defaults. Measured with jaxlib 0.10.2; ignore on other backends.
 FAST_COMPILE_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
