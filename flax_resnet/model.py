@@ -147,16 +147,19 @@ def _conv_nhwc_stride1(x, w, padding, precision):
     return conv(x, w)
 
 
-def _canonical_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    simple = (
+def _explicit_nhwc(lhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, kwargs) -> bool:
+    """An undilated NHWC/HWIO conv with explicit padding: the form the custom convs below handle."""
+    return (
         dimension_numbers == _NHWC
         and lhs.ndim == 4
-        and tuple(window_strides) == (1, 1)
-        and feature_group_count == 1
         and not isinstance(padding, str)
         and all(d in (None, 1) for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
         and not kwargs
     )
+
+
+def _canonical_grad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    simple = tuple(window_strides) == (1, 1) and feature_group_count == 1 and _explicit_nhwc(lhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, kwargs)
     if not simple:
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -212,14 +215,7 @@ def _grouped_conv_nhwc(x, w, strides, padding, groups, precision):
 
 
 def _grouped_or_default(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    grouped = (
-        feature_group_count > 1
-        and dimension_numbers == _NHWC
-        and lhs.ndim == 4
-        and not isinstance(padding, str)
-        and all(d in (None, 1) for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
-        and not kwargs
-    )
+    grouped = feature_group_count > 1 and _explicit_nhwc(lhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, kwargs)
     if grouped:
         return _grouped_conv_nhwc(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding), feature_group_count, precision)
     return jax.lax.conv_general_dilated(
