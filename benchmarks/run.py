@@ -259,12 +259,25 @@ def _torch_model(arch: str, batch: int, layout: str):
     return model, xt, torch.from_numpy(np.asarray(labels))
 
 
+def _first_then_round_robin(fns, task):
+    """Times each variant's first call (torch.compile compiles there), then all of them in turns."""
+    first = {}
+    for variant, run in fns.items():
+        t0 = time.perf_counter()
+        run()
+        first[variant] = time.perf_counter() - t0
+    out = _round_robin(fns, task["repeats"], task.get("budget_s"), task["batch"])
+    for k in out:
+        out[k]["first_call_s"] = first[k]
+    return {"variants": out}
+
+
 def worker_torch_eval(task):
     """torch eval forward, variants ``nchw``, ``cl`` (channels_last) and ``compile`` (torch.compile, channels_last)."""
     import torch
 
     bf16 = task["dtype"] == "bf16"
-    fns, first = {}, {}
+    fns = {}
     for variant in task["variants"]:
         model, x, _ = _torch_model(task["arch"], task["batch"], "nchw" if variant == "nchw" else "cl")
         model.eval()
@@ -274,14 +287,8 @@ def worker_torch_eval(task):
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 fn(x)
 
-        t0 = time.perf_counter()
-        run()  # torch.compile compiles here
-        first[variant] = time.perf_counter() - t0
         fns[variant] = run
-    out = _round_robin(fns, task["repeats"], task.get("budget_s"), task["batch"])
-    for k in out:
-        out[k]["first_call_s"] = first[k]
-    return {"variants": out}
+    return _first_then_round_robin(fns, task)
 
 
 def worker_torch_train(task):
@@ -290,7 +297,7 @@ def worker_torch_train(task):
     import torch.nn.functional as F
 
     bf16 = task["dtype"] == "bf16"
-    fns, first = {}, {}
+    fns = {}
     for variant in task["variants"]:
         model, x, labels = _torch_model(task["arch"], task["batch"], "nchw" if variant == "nchw" else "cl")
         model.train()
@@ -304,14 +311,8 @@ def worker_torch_train(task):
             loss.backward()
             opt.step()
 
-        t0 = time.perf_counter()
-        run()
-        first[variant] = time.perf_counter() - t0
         fns[variant] = run
-    out = _round_robin(fns, task["repeats"], task.get("budget_s"), task["batch"])
-    for k in out:
-        out[k]["first_call_s"] = first[k]
-    return {"variants": out}
+    return _first_then_round_robin(fns, task)
 
 
 def worker_compile(task):
