@@ -525,6 +525,24 @@ def _to_numpy_tree(tree: Any) -> Any:
     return np.asarray(tree)
 
 
+def _restore_on_host(ocp, item: Path) -> Any:
+    """Restores an Orbax PyTree as numpy arrays.
+
+    A plain restore places arrays as they were saved, and fails on another
+    topology (a checkpoint of a 4-device run read on one device); numpy
+    arrays restore anywhere.
+    """
+    import jax
+
+    with ocp.StandardCheckpointer() as ckptr:
+        md = ckptr.metadata(item)
+    md = getattr(md, "item_metadata", md)
+    md = getattr(md, "tree", md)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), md)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
 def _read_orbax(p: Path) -> Checkpoint:
     item = _orbax_item_dir(p)
     meta = {}
@@ -537,8 +555,7 @@ def _read_orbax(p: Path) -> Checkpoint:
     import orbax.checkpoint as ocp
 
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.restore(item.absolute())
+        tree = _restore_on_host(ocp, item.absolute())
     except Exception as e:  # orbax/tensorstore raise many kinds
         raise CheckpointError(f"{p}: cannot restore the Orbax checkpoint ({type(e).__name__}: {_one_line(e, 160)})") from None
     variables, wrapper, extras = _find_variables(_to_numpy_tree(tree), p)
@@ -921,10 +938,12 @@ def atomic_output(path: str | os.PathLike, fmt: str, force: bool = False) -> Ite
         else:
             os.replace(tmp, p)
         _fsync_dir(parent)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
         for stray in parent.glob(f"{tmp.name}*"):  # e.g. Orbax's own temporary directory
             _remove(stray)
+        if isinstance(e, OSError) and tmp.name in str(e):  # name the user's path, not our temporary one
+            raise type(e)(f"{p}: cannot write ({e.strerror or e})") from e
         raise
 
 

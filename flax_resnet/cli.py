@@ -17,8 +17,16 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (``PROG: error: ...``, exit 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flax-resnet", description=__doc__.splitlines()[0])
+    # Subparsers inherit the parser class, so every subcommand reports errors the same way.
+    parser = _Parser(prog="flax-resnet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         try:
@@ -35,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UsageError, FileNotFoundError, IsADirectoryError, FileExistsError, ValueError) as e:
+    except (UsageError, OSError, ValueError) as e:  # OSError: missing, unreadable, unwritable, disk full
         msg = " ".join(str(e).split())
         print(f"flax-resnet {args.command}: error: {msg}", file=sys.stderr)
         return 2

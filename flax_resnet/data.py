@@ -70,7 +70,15 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def _sklearn():
+    try:
+        import sklearn  # noqa: F401
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the digits data and seeded data splits need scikit-learn: pip install 'flax-resnet[train]'") from None
+
+
 def _split(images, labels, test_fraction: float, seed: int):
+    _sklearn()
     from sklearn.model_selection import train_test_split
 
     counts = np.bincount(labels)
@@ -104,6 +112,7 @@ def load_digits(size: int = 32, channels: int = 1, test_fraction: float = 0.2, s
         test_fraction: share of the images held out for testing.
         seed: seed of the split.
     """
+    _sklearn()
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()

@@ -450,15 +450,20 @@ class ResNet(_Common):
 
 
 def _factory(name: str):
-    def make(num_classes: int = 1000, **kwargs: Any) -> ResNet:
-        return ResNet(arch=name, num_classes=num_classes, **kwargs)
+    def make(
+        num_classes: int = 1000, conv_bias: bool = False, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, **kwargs: Any
+    ) -> ResNet:
+        return ResNet(arch=name, num_classes=num_classes, conv_bias=conv_bias, dtype=dtype, param_dtype=param_dtype, **kwargs)
 
     make.__name__ = make.__qualname__ = name
     make.__doc__ = (
         f"Flax {name} (v1.5, torchvision topology).\n\n"
         "Args:\n"
         "    num_classes: outputs of the classifier.\n"
-        "    **kwargs: any ``ResNet`` attribute (``conv_bias``, ``dtype``, ``param_dtype``, ...).\n"
+        "    conv_bias: convs with bias (the seed layout of resnet50/101/152).\n"
+        "    dtype: compute dtype (``None``: follow the inputs; ``jnp.bfloat16``: mixed precision).\n"
+        "    param_dtype: dtype of parameters and BatchNorm statistics.\n"
+        "    **kwargs: any other ``ResNet`` attribute (``zero_init_residual``, ``axis_name``, ...).\n"
     )
     return make
 

@@ -59,8 +59,17 @@ def _usage(msg: str):
     return UsageError(msg)
 
 
+TRAIN_EXTRA = ("sklearn", "matplotlib", "tqdm")  # digits and data splits, the plot, the progress bar
+
+
 def _validate(args) -> None:
+    import importlib.util
+
     from flax_resnet.archs import ARCHS
+
+    missing = [m for m in TRAIN_EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _usage(f"needs {', '.join('scikit-learn' if m == 'sklearn' else m for m in missing)}: pip install 'flax-resnet[train]'")
 
     if args.arch is not None and args.arch not in ARCHS:
         raise _usage(f"unknown architecture {args.arch!r}; choose one of {', '.join(ARCHS)}")

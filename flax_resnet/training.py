@@ -471,27 +471,24 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 def shard_batch(mesh: Mesh | None, *arrays: np.ndarray):
     """Splits arrays along the batch axis over ``mesh`` (``P("data")``).
 
-    Arrays are this host's *global* batch view; in a multi-host run each host
-    passes the whole global batch and contributes its own contiguous slice
-    (``process_index``). The batch must divide by the number of devices.
-    ``mesh=None`` just moves the arrays to the default device.
+    Arrays are the *global* batch. In a multi-host run every host passes the
+    same global batch (``data.batches`` gives every host the same order) and
+    places only the rows of its own devices, wherever they sit in the mesh.
+    The batch must divide by the number of devices. ``mesh=None`` just moves
+    the arrays to the default device.
     """
     if mesh is None:
         out = tuple(jnp.asarray(a) for a in arrays)
         return out if len(out) > 1 else out[0]
     sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
     n_dev = mesh.devices.size
-    nproc, pid = jax.process_count(), jax.process_index()
     out = []
     for a in arrays:
         a = np.asarray(a)
         if a.shape[0] % n_dev:
             raise ValueError(f"batch of {a.shape[0]} does not divide over {n_dev} devices")
-        local = a
-        if nproc > 1:
-            per = a.shape[0] // nproc
-            local = a[pid * per : (pid + 1) * per]
-        out.append(jax.make_array_from_process_local_data(sharding, local, a.shape))
+        # Called once per addressable device, with that device's rows.
+        out.append(jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]))
     return tuple(out) if len(out) > 1 else out[0]
 
 

@@ -34,7 +34,9 @@ channels_last and 4.0e-3 with one thread. So for these points
 
 float64 (max, 1e-9) is what proves the gradients' structure.
 Points are reported in network order, so the first failing one says where
-parity broke.
+parity broke. Eval mode also compares the predicted classes (argmax) with
+the float64 run's; a flip is excused only where the reference's top-2 margin
+is within twice the logits' tolerance (a near tie that rounding may flip).
 """
 
 from __future__ import annotations
@@ -82,6 +84,19 @@ class Point:
 
 
 @dataclasses.dataclass
+class Argmax:
+    """Predicted classes (eval mode): Flax against the float64 torch run."""
+
+    samples: int
+    mismatches: int  # differing argmax where the reference's top-2 margin exceeds the noise
+    near_ties: int  # differing argmax where the margin is within 2x the logits' tolerance (rounding may flip it)
+
+    @property
+    def passed(self) -> bool:
+        return self.mismatches == 0
+
+
+@dataclasses.dataclass
 class Report:
     arch: str
     layout: str
@@ -92,10 +107,11 @@ class Report:
     device: str
     points: list[Point]
     torch_variants: tuple[str, ...] = ()  # torch runs whose largest error is "torch own" for grad/steps
+    argmax: Argmax | None = None  # with "eval"
 
     @property
     def passed(self) -> bool:
-        return all(p.passed for p in self.points)
+        return all(p.passed for p in self.points) and (self.argmax is None or self.argmax.passed)
 
     @property
     def first_failure(self) -> Point | None:
@@ -110,7 +126,7 @@ class Report:
             pd["passed"] = p.passed
         d["passed"] = self.passed
         ff = self.first_failure
-        d["first_failure"] = f"{ff.mode} {ff.name}" if ff else None
+        d["first_failure"] = f"{ff.mode} {ff.name}" if ff else (None if self.passed else "eval argmax")
         return d
 
     def format(self) -> str:
@@ -130,7 +146,16 @@ class Report:
         n = len(self.points)
         if self.torch_variants and any(p.mode in ("grad", "steps") for p in self.points):
             lines += ["", f"grad/steps: p99 of each stage's errors; torch own = the largest of torch runs {', '.join(self.torch_variants)}"]
-        lines += ["", f"PASS: all {n} points within tolerance" if ff is None else f"FAIL: first failure at {ff.mode} {ff.name}"]
+        am = self.argmax
+        if am is not None:
+            ties = f" ({am.near_ties} near tie(s) within rounding)" if am.near_ties else ""
+            lines += ["", f"argmax: {am.samples - am.mismatches - am.near_ties}/{am.samples} samples agree with torch float64{ties}"]
+        if ff is not None:
+            lines += ["", f"FAIL: first failure at {ff.mode} {ff.name}"]
+        elif not self.passed:
+            lines += ["", f"FAIL: argmax differs on {am.mismatches} of {am.samples} samples"]
+        else:
+            lines += ["", f"PASS: all {n} points within tolerance" + (", argmax agrees" if am is not None else "")]
         return "\n".join(lines)
 
 
@@ -356,18 +381,10 @@ def _group(key: str) -> str:
     return f"{kind} {top}"
 
 
-def _err(a: np.ndarray, ref: np.ndarray, robust: bool) -> float:
-    if not ref.size:
-        return 0.0
+def _abs_diff(a: np.ndarray, ref: np.ndarray, robust: bool) -> np.ndarray:
     d = np.abs(a.astype(np.float64) - ref)
-    return float(np.quantile(d, 0.99) if robust else np.max(d))
-
-
-def _group_err(side: dict, ref: dict, keys: list[str]) -> float:
-    """99th percentile of |side - ref| over every entry of a group's tensors."""
     # float32 suffices for ranking differences and halves the memory of the 100M-entry stages.
-    d = np.concatenate([np.abs(side[k].astype(np.float64) - ref[k]).astype(np.float32).ravel() for k in keys])
-    return float(np.quantile(d, 0.99)) if d.size else 0.0
+    return d.astype(np.float32).ravel() if robust else d
 
 
 def _groups(ref: dict) -> dict[str, list[str]]:
@@ -388,9 +405,15 @@ def _errors(mode: str, dtype: str, ref: dict, side: dict) -> dict[str, tuple[flo
     out = {}
     for name, keys in _groups(ref).items():
         rob = _robust(dtype, mode, name)
-        errs = {k: _err(side[k], ref[k], rob) for k in keys}
-        worst = max(errs, key=errs.get)
-        out[name] = (_group_err(side, ref, keys) if rob else errs[worst], worst if len(keys) > 1 else None)
+        diffs = [_abs_diff(side[k], ref[k], rob) for k in keys]
+        maxes = [float(d.max()) if d.size else 0.0 for d in diffs]
+        worst = int(np.argmax(maxes))  # the tensor with the largest error, named in reports
+        if rob:  # 99th percentile over every entry of the group's tensors
+            d = np.concatenate(diffs)
+            err = float(np.quantile(d, 0.99)) if d.size else 0.0
+        else:
+            err = maxes[worst]
+        out[name] = (err, keys[worst] if len(keys) > 1 else None)
     return out
 
 
@@ -403,6 +426,18 @@ def _points(mode: str, ref: dict, flax: dict[str, tuple[float, str | None]], own
         torch_rel = max(o[name][0] for o in own) / scale if own else None
         points.append(Point(mode, name, err, err / scale, tol_rule(mode, torch_rel), torch_rel, worst))
     return points
+
+
+def _argmax(logits: np.ndarray, ref: np.ndarray, tol: float) -> Argmax:
+    """Compares predicted classes; a flip is excused only where the reference's top-2 margin is within rounding.
+
+    Each logit may be off by ``tol * max|ref|`` and still pass, so a margin of
+    twice that can flip in an equally valid run.
+    """
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    near = (top2[:, 1] - top2[:, 0]) <= 2 * tol * float(np.max(np.abs(ref)))
+    differ = logits.argmax(1) != ref.argmax(1)
+    return Argmax(int(ref.shape[0]), int(np.sum(differ & ~near)), int(np.sum(differ & near)))
 
 
 def run_parity(
@@ -430,7 +465,10 @@ def run_parity(
         steps: optimizer steps for ``"steps"``.
 
     Returns:
-        A ``Report`` of every point in network order.
+        A ``Report`` of every point in network order and, with ``"eval"``,
+        whether the predicted classes agree (``Report.argmax``; a flip counts
+        only where the float64 reference's top-2 margin exceeds twice the
+        logits' tolerance).
     """
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -471,4 +509,9 @@ def run_parity(
     for mode in modes:
         points += _points(mode, ref[mode], _errors(mode, dtype, ref[mode], flax[mode]), own[mode] if own else None, rule)
     variants = torch_variants() if own and any(m in ("grad", "steps") for m in modes) else ()
-    return Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), describe_devices(), points, variants)
+    argmax = None
+    if "eval" in modes:
+        tol = next(p.tol for p in points if p.mode == "eval" and p.name == "logits")
+        argmax = _argmax(flax["eval"]["logits"].astype(np.float64), ref["eval"]["logits"], tol)
+    size = (int(x.shape[2]), int(x.shape[3]))
+    return Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), size, describe_devices(), points, variants, argmax)

@@ -221,6 +221,34 @@ def test_seed_layout_round_trip(seed50, workdir):
         p.unlink()
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_torchvision_to_seed_layout(suffix, workdir, capsys):
+    """torchvision weights (read from a ``.bin``) exported in the seed layout load strictly into the seed model, same outputs."""
+    import torch_ref
+    from flax_resnet import cli
+    from parity.fixtures import images, reference_model
+
+    tv_model = reference_model("resnet50", "torchvision", seed=4, num_classes=10, calibrate_size=32)
+    src = workdir / "tv50.bin"  # Hugging Face's name for a torch state_dict file; read by content, not suffix
+    torch.save(tv_model.state_dict(), src)
+    dst = workdir / f"tv50-seed{suffix}"
+    assert cli.main(["convert", str(src), str(dst), "--layout", "seed"]) == 0
+    assert "resnet50, seed layout, 10 classes" in capsys.readouterr().out
+    sd = checkpoint.read_state_dict(dst)
+    assert "layer1.0.identity_downsample.0.bias" in sd and not np.any(sd["conv1.bias"])  # zero biases, nothing to fold
+    seed_model = torch_ref.ResNet("resnet50", num_classes=10, layout="seed").eval()
+    seed_model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, strict=True)
+    x = images(2, 3, 64, 64, seed=4).double()
+    with torch.no_grad():
+        want, got = tv_model.double()(x), seed_model.double()(x)
+    tv_model.float()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * want.abs().max().item())
+    model, variables = checkpoint.load(dst)
+    assert model.conv_bias and (model.arch, model.num_classes) == ("resnet50", 10)
+    for p in (src, dst):
+        p.unlink()
+
+
 def test_bfloat16_outputs(seed50, workdir):
     import ml_dtypes
 

@@ -303,11 +303,13 @@ def test_unknown_or_missing_architecture(capsys, good, tmp_path, r18):
     sd = {k: v for k, v in r18.items() if not k.startswith("conv1.")}
     torch.save(sd, src)
     assert_refused(capsys, ["convert", src, dst], "no conv1.weight", dst=dst)
-    # argparse: --arch without a value
-    with pytest.raises(SystemExit) as e:
-        cli.main(["convert", str(good), str(dst), "--arch"])
-    assert e.value.code == 2 and not dst.exists()
-    capsys.readouterr()
+    # argparse errors are one line too (no usage block).
+    for argv, needle in (([good, dst, "--arch"], "--arch: expected one argument"), ([good, dst, "--dtype", "float16"], "invalid choice: 'float16'"), ([good], "required: DST")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["convert"] + [str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and not dst.exists()
+        assert err.count("\n") == 1 and err.startswith("flax-resnet convert: error: ") and needle in err, err
 
 
 def test_wrong_arch_lists_keys_and_shapes(capsys, good, tmp_path):
@@ -418,6 +420,19 @@ def test_failed_write_leaves_nothing(good, tmp_path, monkeypatch):
         checkpoint.convert(good, dst, force=True)
     assert dst.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.pth", "out.msgpack"]
+
+
+def test_unwritable_output_is_one_line_naming_it(capsys, good, tmp_path, monkeypatch):
+    """An OS error while writing (permissions, disk full) names DST, not the temporary file, in one line."""
+
+    def denied(tmp, variables, meta):
+        raise PermissionError(13, "Permission denied", str(tmp))
+
+    monkeypatch.setattr(checkpoint, "_write_msgpack", denied)
+    dst = tmp_path / "out.msgpack"
+    line = assert_refused(capsys, ["convert", good, dst], f"{dst}: cannot write (Permission denied)", dst=dst)
+    assert ".tmp-" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.pth"]
 
 
 def test_training_run_orbax_checkpoint(capsys, r18, tmp_path):

@@ -62,18 +62,19 @@ def test_batchnorm_axis_name_uses_global_batch():
 
 
 def test_dtypes():
+    # Under jit (eager op-by-op dispatch of a ResNet takes tens of seconds on 2 cores).
     model = flax_resnet.resnet18(num_classes=10, dtype=jnp.bfloat16)
     x = jnp.ones((2, 32, 32, 3))
-    v = model.init(jax.random.key(0), x)
+    v = jax.jit(model.init)(jax.random.key(0), x)
     assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(v))  # param_dtype
-    logits, new = model.apply(v, x, train=True, mutable=["batch_stats"])
+    logits, new = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
     assert logits.dtype == jnp.float32  # logits come back in fp32
     assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(new))
-    feats = model.apply(v, x, method="features")
+    feats = jax.jit(lambda v, x: model.apply(v, x, method="features"))(v, x)
     assert feats["layer4"].dtype == jnp.bfloat16 and feats["layer4"].shape == (2, 1, 1, 512)
     with jax.enable_x64(True):  # float64 variables and inputs compute in float64
         v64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v)
-        out = flax_resnet.resnet18(num_classes=10).apply(v64, np.ones((1, 32, 32, 3)))
+        out = jax.jit(flax_resnet.resnet18(num_classes=10).apply)(v64, np.ones((1, 32, 32, 3)))
         assert out.dtype == jnp.float64
 
 
@@ -82,9 +83,9 @@ def test_stride_two_padding_is_symmetric_like_torch():
     model = flax_resnet.resnet18(num_classes=10)
     x = np.zeros((1, 9, 9, 3), np.float32)
     x[0, 0, 0] = 1.0  # only the top-left pixel is lit
-    v = model.init(jax.random.key(0), x)
+    v = jax.jit(model.init)(jax.random.key(0), x)
     k = np.asarray(v["params"]["conv1"]["kernel"])
-    conv = model.apply(v, x, method=lambda m, x: m.conv1(x))
+    conv = model.apply(v, x, method=lambda m, x: m.conv1(x))  # one conv: eager is cheap
     # Output (0, 0) of a 7x7/2 conv with pad 3 sees input (0, 0) at kernel tap (3, 3).
     np.testing.assert_allclose(np.asarray(conv)[0, 0, 0], k[3, 3].sum(0), rtol=1e-6)
 
@@ -92,13 +93,13 @@ def test_stride_two_padding_is_symmetric_like_torch():
 def test_features_and_train_keyword():
     model = flax_resnet.resnet50(num_classes=7)
     x = jnp.ones((2, 64, 64, 3))
-    v = model.init(jax.random.key(0), x)
-    feats = model.apply(v, x, method="features")
-    assert [k for k in feats] == ["stem", "layer1", "layer2", "layer3", "layer4", "pre_logits"]
+    v = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes suffice: no eager init
+    feats = jax.eval_shape(lambda v, x: model.apply(v, x, method="features"), v, x)
+    assert set(feats) == {"stem", "layer1", "layer2", "layer3", "layer4", "pre_logits"}  # traced dicts come back key-sorted
     assert feats["stem"].shape == (2, 16, 16, 64) and feats["layer4"].shape == (2, 2, 2, 2048)
-    assert model.apply(v, x).shape == (2, 7)
+    assert jax.eval_shape(model.apply, v, x).shape == (2, 7)
     with pytest.raises(Exception):  # train=True without mutable batch_stats must not silently pass
-        model.apply(v, x, train=True)
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True), v, x)
 
 
 @pytest.mark.parametrize("stride,groups", [(1, 32), (2, 4)])

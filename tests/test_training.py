@@ -143,6 +143,41 @@ def test_weight_decay_mask_excludes_bn_and_bias():
     assert moved == flat
 
 
+def test_default_recipe_is_the_papers():
+    """No arguments: lr 0.1 x batch/256, momentum 0.9, weight decay 1e-4 on every parameter (torch's order)."""
+    with jax.enable_x64(True):
+        tx = training.make_optimizer(batch_size=512, steps_per_epoch=100)
+        p = {"conv": {"kernel": jnp.full(3, 2.0)}, "bn": {"scale": jnp.full(2, -3.0)}}
+        zero = jax.tree.map(jnp.zeros_like, p)
+        sched = training.make_schedule(0.2, 100, 90)
+        u1, st = tx.update(zero, tx.init(p), p)  # torch: buf = wd * p; p -= lr * buf
+        p1 = optax.apply_updates(p, u1)
+        u2, _ = tx.update(zero, st, p1)  # buf = 0.9 * buf + wd * p1
+        for k in (("conv", "kernel"), ("bn", "scale")):
+            p0, q1 = p[k[0]][k[1]], p1[k[0]][k[1]]
+            np.testing.assert_allclose(u1[k[0]][k[1]], -0.2 * 1e-4 * p0, rtol=1e-14)
+            np.testing.assert_allclose(u2[k[0]][k[1]], -float(sched(1)) * (0.9 * 1e-4 * p0 + 1e-4 * q1), rtol=1e-14)
+        assert float(sched(0)) == 0.2 and 0.2 > float(sched(1)) > 0.19999  # cosine, no warmup
+
+
+def test_batchnorm_statistics_in_float32_under_bfloat16():
+    """bf16 compute: batch statistics and running stats are float32 computations of the bf16 activations."""
+    rng = np.random.default_rng(0)
+    # |mean| >> std: a bf16 (8-bit mantissa) mean or variance would be off by ~1e-2 relative.
+    x = jnp.asarray(100 + rng.normal(size=(8, 5, 5, 4)), jnp.bfloat16)
+    bn = flax_resnet.BatchNorm(dtype=jnp.bfloat16)
+    v = bn.init(jax.random.key(0), x, train=True)
+    y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+    assert y.dtype == jnp.bfloat16 and upd["batch_stats"]["mean"].dtype == jnp.float32
+    x64 = np.asarray(x, np.float64)
+    mean, var = x64.mean((0, 1, 2)), x64.var((0, 1, 2), ddof=1)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * mean, rtol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * var, rtol=1e-5)
+    # and the output is normalized with them: mean 0, std 1 before rounding to bf16
+    yn = np.asarray(y, np.float64)
+    assert np.abs(yn.mean((0, 1, 2))).max() < 2e-2 and np.abs(yn.std((0, 1, 2)) - 1).max() < 2e-2
+
+
 def test_cross_entropy_label_smoothing_matches_torch():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
@@ -233,15 +268,26 @@ def r18():
     return model, jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def test_load_pretrained_replaces_head(r18, tmp_path):
+def _save_torch(variables, path):
+    """The variables as a PyTorch checkpoint file, wrapped as a training run saves it."""
+    torch = pytest.importorskip("torch")
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in flax_resnet.flax_to_torch(jax.device_get(variables)).items()}
+    torch.save({"epoch": 90, "model_state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".msgpack"])
+def test_load_pretrained_replaces_head(r18, tmp_path, suffix):
     ckpt = pytest.importorskip("flax_resnet.checkpoint")
     model, variables = r18
-    path = tmp_path / "r18.msgpack"
-    ckpt.save(path, jax.device_get(variables))
+    path = tmp_path / f"r18{suffix}"
+    _save_torch(variables, path) if suffix == ".pth" else ckpt.save(path, jax.device_get(variables))
     m2, v2 = training.load_pretrained(path, num_classes=3, dtype=jnp.bfloat16)
     assert m2.num_classes == 3 and m2.dtype == jnp.bfloat16 and m2.spec.name == "resnet18"
     assert v2["params"]["fc"]["kernel"].shape == (512, 3)
-    np.testing.assert_array_equal(v2["params"]["layer4"]["1"]["conv2"]["kernel"], variables["params"]["layer4"]["1"]["conv2"]["kernel"])
+    # Every backbone weight and statistic is the checkpoint's, bit for bit.
+    _assert_trees_equal({k: v for k, v in v2["params"].items() if k != "fc"}, {k: v for k, v in variables["params"].items() if k != "fc"})
+    _assert_trees_equal(v2["batch_stats"], variables["batch_stats"])
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -346,10 +392,9 @@ def test_cli_tiny_run_writes_metrics_plot_checkpoints_and_resumes(tmp_path, caps
 
 
 def test_cli_init_and_freeze(r18, tmp_path):
-    ckpt = pytest.importorskip("flax_resnet.checkpoint")
+    pytest.importorskip("flax_resnet.checkpoint")
     model, variables = r18
-    init = tmp_path / "r18.msgpack"
-    ckpt.save(init, jax.device_get(variables))
+    init = _save_torch(variables, tmp_path / "r18.pth")  # converted torch weights
     npz = _write_npz(tmp_path / "tiny.npz", size=16)  # grey images: repeated to the checkpoint's 3 channels
     work = tmp_path / "ft"
     argv = ["train", "--dataset", str(npz), "--epochs", "1", "--batch-size", "12", "--workdir", str(work),
@@ -358,13 +403,17 @@ def test_cli_init_and_freeze(r18, tmp_path):
     rec = json.loads((work / "metrics.jsonl").read_text())
     assert rec["epoch"] == 1
     # Only fc changed in the saved state.
+    head_rng = jax.random.split(jax.random.key(0))[1]  # the command's: --seed 0, split into (init, head)
     state = training.create_train_state(
-        *training.replace_head(model, variables, 3, jax.random.key(0)),
+        *training.replace_head(model, variables, 3, head_rng),
         training.make_optimizer(freeze_backbone=True), frozen_backbone=True)
     with training.Checkpointer(work / "checkpoints") as ck:
         restored, _ = ck.restore(state)
-    _assert_trees_equal(restored.params["layer3"], variables["params"]["layer3"])
+    _assert_trees_equal({k: v for k, v in restored.params.items() if k != "fc"}, {k: v for k, v in variables["params"].items() if k != "fc"})
     _assert_trees_equal(restored.batch_stats, variables["batch_stats"])
+    # The new head trained: it moved from its initial values (~1e-3 in 3 steps; another init differs by ~0.1).
+    assert 1e-4 < _tree_max_diff(restored.params["fc"], state.params["fc"]) < 1e-2
+    assert int(restored.step) == 3  # 48 images, 80/20 split: 38 train // 12
 
 
 @pytest.mark.parametrize(
@@ -387,3 +436,14 @@ def test_cli_bad_input_exits_2_with_one_line(extra, needle, tmp_path, capsys):
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("flax-resnet train: error:")
     assert needle in err
+
+
+def test_cli_without_the_train_extra_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("sklearn", "tqdm") else real(name, *a))
+    assert cli_main(["train", "--workdir", str(tmp_path / "w"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs scikit-learn, tqdm: pip install 'flax-resnet[train]'" in err, err
+    assert not (tmp_path / "w").exists()
