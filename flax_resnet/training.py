@@ -464,8 +464,24 @@ def make_mesh(devices: int | Sequence[Any] | None = None, axis_name: str = DATA_
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places every array of ``tree`` (e.g. the train state) on all devices of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """Places every array of ``tree`` (e.g. the train state) on all devices of ``mesh``.
+
+    In a multi-host run every host holds the same values (same seed, same
+    checkpoint) and places its own copy on its own devices: arrays that
+    already sit on one device are not sent across hosts, which the CPU and
+    GPU backends do not support.
+    """
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def place(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:  # already global
+            return jax.device_put(a, sharding)
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, tree)
 
 
 def shard_batch(mesh: Mesh | None, *arrays: np.ndarray):

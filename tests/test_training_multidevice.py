@@ -148,3 +148,77 @@ def test_cli_trains_digits_on_4_devices_in_bfloat16(tmp_path):
 
     report = checkpoint.inspect(work / "checkpoints")
     assert report["arch"] == "resnet18" and report["num_classes"] == 10 and set(report["dtypes"]) == {"float32"}, report
+
+
+MULTIHOST = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    from flax_resnet import training
+    pid = int(sys.argv[1])
+    assert training.initialize_distributed(True, coordinator_address=sys.argv[2], num_processes=2, process_id=pid)
+    import jax.numpy as jnp, numpy as np
+    import flax_resnet
+
+    arch = flax_resnet.ArchSpec("resnet10", "basic", (1, 1, 1, 1))
+    model = flax_resnet.ResNet(arch=arch, num_classes=10, param_dtype=jnp.float64)
+    local = jax.local_devices()[0]
+    # Committed to a local device (as loaded weights are): replicate() must not send them across hosts.
+    variables = jax.device_put(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3), jnp.float64)), local)
+    tx = training.make_optimizer(batch_size=8, steps_per_epoch=1, epochs=1, lr=0.1, warmup_epochs=0)
+    rng = np.random.default_rng(0)  # every host holds the same global batch
+    images = rng.normal(size=(8, 16, 16, 3))
+    labels = rng.integers(0, 10, size=8).astype(np.int32)
+
+    mesh = training.make_mesh()  # all 4 devices of both processes
+    state = training.replicate(training.create_train_state(model, variables, tx), mesh)
+    x, y = training.shard_batch(mesh, images, labels)
+    rows = sorted(int(s.index[0].start) for s in x.addressable_shards)  # this host's rows of the global batch
+    s4, m4 = training.train_step(state, x, y)
+
+    with jax.default_device(local):  # the same global batch on one device of this process
+        s1, m1 = training.train_step(training.create_train_state(model, variables, tx), jnp.asarray(images), jnp.asarray(labels))
+
+    def diff(a, b):
+        return max(float(np.max(np.abs(np.asarray(p.addressable_data(0)) - np.asarray(q))))
+                   for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    print("RESULT " + json.dumps({
+        "processes": jax.process_count(), "devices": len(jax.devices()), "local": len(jax.local_devices()), "rows": rows,
+        "params": diff(s4.params, s1.params), "batch_stats": diff(s4.batch_stats, s1.batch_stats),
+        "loss": abs(float(m4["loss"]) - float(m1["loss"])),
+    }), flush=True)
+    """
+)
+
+
+def test_two_processes_with_jax_distributed_equal_one_device(tmp_path):
+    """Multi-host data parallelism: 2 processes x 2 CPU devices (jax.distributed, gloo) == 1 device, in float64."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _env()
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+    script = tmp_path / "multihost.py"
+    script.write_text(MULTIHOST)
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(i), f"127.0.0.1:{port}"], cwd=_root(), env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+            results.append(json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):]))
+    finally:
+        for p in procs:
+            p.kill()
+    assert [r["rows"] for r in results] == [[0, 2], [4, 6]]  # each host placed only its own devices' rows
+    for r in results:
+        assert (r["processes"], r["devices"], r["local"]) == (2, 4, 2)
+        assert r["params"] < 1e-10 and r["batch_stats"] < 1e-10 and r["loss"] < 1e-12, r
