@@ -63,7 +63,8 @@ def test_batchnorm_axis_name_uses_global_batch():
 
 def test_dtypes():
     # Under jit (eager op-by-op dispatch of a ResNet takes tens of seconds on 2 cores).
-    model = flax_resnet.resnet18(num_classes=10, dtype=jnp.bfloat16)
+    tiny = flax_resnet.ArchSpec("resnet10", "basic", (1, 1, 1, 1))  # dtypes, not depth: the smallest ResNet
+    model = flax_resnet.ResNet(arch=tiny, num_classes=10, dtype=jnp.bfloat16)
     x = jnp.ones((2, 32, 32, 3))
     v = jax.jit(model.init)(jax.random.key(0), x)
     assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(v))  # param_dtype
@@ -74,7 +75,7 @@ def test_dtypes():
     assert feats["layer4"].dtype == jnp.bfloat16 and feats["layer4"].shape == (2, 1, 1, 512)
     with jax.enable_x64(True):  # float64 variables and inputs compute in float64
         v64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v)
-        out = jax.jit(flax_resnet.resnet18(num_classes=10).apply)(v64, np.ones((1, 32, 32, 3)))
+        out = jax.jit(model.clone(dtype=None).apply)(v64, np.ones((1, 32, 32, 3)))
         assert out.dtype == jnp.float64
 
 

@@ -111,9 +111,12 @@ def test_resnet50_224(layout, dtype):
         _argmax_agrees(model, x)  # and independently of the harness
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("layout", ["torchvision", "seed"])
-@pytest.mark.parametrize("arch", DEPTHS)
+# fp32 (noise floor, argmax) at every depth; float64 structure at ResNet-50, whose
+# stem, strides and head are the deeper nets' (their depth is proven in float64 above).
+ODD_CASES = [(a, lay, d) for a in DEPTHS for lay in ("torchvision", "seed") for d in ("float32", "float64") if d == "float32" or a == "resnet50"]
+
+
+@pytest.mark.parametrize("arch,layout,dtype", ODD_CASES)
 def test_batch_1_odd_size_one_channel_ten_classes(arch, layout, dtype):
     """Every depth and layout at batch 1, 97x131 (odd after every stride), one input channel, a 10-class head."""
     model = ref(arch, layout, num_classes=10, img_channels=1)

@@ -229,8 +229,8 @@ def test_bfloat16_step_keeps_float32_params_and_stats(tiny):
                 assert leaf.dtype == jnp.float32
     assert m["loss"].dtype == jnp.float32 and np.isfinite(float(m["loss"]))
     # bf16 compute really happens: the logits differ from float32 ones, a little.
-    f32 = model.apply(variables, images[:8])
-    bf = bf_model.apply(variables, images[:8])
+    f32 = jax.jit(model.apply)(variables, images[:8])
+    bf = jax.jit(bf_model.apply)(variables, images[:8])
     assert bf.dtype == jnp.float32
     d = float(jnp.max(jnp.abs(f32 - bf)))
     assert 0 < d < 0.1 * float(jnp.max(jnp.abs(f32))) + 0.1
