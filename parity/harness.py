@@ -108,6 +108,7 @@ class Report:
     points: list[Point]
     torch_variants: tuple[str, ...] = ()  # torch runs whose largest error is "torch own" for grad/steps
     argmax: Argmax | None = None  # with "eval"
+    scan_blocks: bool = False  # the Flax side ran ResNet(scan_blocks=True)
 
     @property
     def passed(self) -> bool:
@@ -133,6 +134,7 @@ class Report:
         head = (
             f"flax-resnet parity: {self.arch} ({self.layout} layout), batch {self.batch}, "
             f"{self.size[0]}x{self.size[1]}, {self.dtype}, precision {self.precision}, {self.device}"
+            + (", Flax scan_blocks" if self.scan_blocks else "")
         )
         rows = [("mode", "point", "max abs err", "rel err", "tolerance", "torch own", "status")]
         for p in self.points:
@@ -450,6 +452,7 @@ def run_parity(
     dtype: str = "float32",
     precision: str = "highest",
     steps: int = 2,
+    scan_blocks: bool = False,
 ) -> Report:
     """Compares a ``torch_ref.ResNet`` with its Flax conversion.
 
@@ -465,6 +468,9 @@ def run_parity(
         dtype: ``"float32"``, ``"float64"`` or ``"bfloat16"`` (Flax compute).
         precision: ``"highest"`` pins fp32 on GPUs; ``"default"`` allows TF32.
         steps: optimizer steps for ``"steps"``.
+        scan_blocks: run the Flax side as ``ResNet(scan_blocks=True)`` (each
+            stage's repeated blocks as one ``nn.scan``; about 3x faster to
+            compile for 100+ layers).
 
     Returns:
         A ``Report`` of every point in network order and, with ``"eval"``,
@@ -489,7 +495,7 @@ def run_parity(
         ref = _torch_side(copy.deepcopy(torch_model).double(), x64, labels, modes, steps)
         if dtype == "float64":
             with jax.enable_x64(True):
-                model, variables = flax_resnet.from_torch(copy.deepcopy(torch_model).double().state_dict(), stride_in_1x1=v1)
+                model, variables = flax_resnet.from_torch(copy.deepcopy(torch_model).double().state_dict(), stride_in_1x1=v1, scan_blocks=scan_blocks)
                 flax = _flax_side(model, variables, x64, labels, cfg.layout, modes, steps)
             own = None
             rule = lambda mode, _: FP64_TOL[mode]  # noqa: E731
@@ -502,7 +508,7 @@ def run_parity(
                     res = _torch_side(copy.deepcopy(torch_model).float(), x32, labels, run, steps, autocast_bf16=bf16, variant=variant)
                     for mode in run:
                         own[mode].append(_errors(mode, dtype, ref[mode], res.pop(mode)))
-            model, variables = flax_resnet.from_torch(sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None, stride_in_1x1=v1)
+            model, variables = flax_resnet.from_torch(sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None, stride_in_1x1=v1, scan_blocks=scan_blocks)
             flax = _flax_side(model, variables, x64.astype(np.float32), labels, cfg.layout, modes, steps)
             floor = BF16_FLOOR if dtype == "bfloat16" else FP32_FLOOR
             rule = lambda mode, torch_rel: max(2.0 * torch_rel, floor)  # noqa: E731
@@ -516,4 +522,4 @@ def run_parity(
         tol = next(p.tol for p in points if p.mode == "eval" and p.name == "logits")
         argmax = _argmax(flax["eval"]["logits"].astype(np.float64), ref["eval"]["logits"], tol)
     size = (int(x.shape[2]), int(x.shape[3]))
-    return Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), size, describe_devices(), points, variants, argmax)
+    return Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), size, describe_devices(), points, variants, argmax, scan_blocks)
