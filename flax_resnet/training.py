@@ -463,6 +463,11 @@ def make_mesh(devices: int | Sequence[Any] | None = None, axis_name: str = DATA_
     return Mesh(np.asarray(devs), (axis_name,))
 
 
+def _from_host(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from the same host copy on every process: each places only its own devices' parts."""
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Places every array of ``tree`` (e.g. the train state) on all devices of ``mesh``.
 
@@ -478,8 +483,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     def place(a):
         if isinstance(a, jax.Array) and not a.is_fully_addressable:  # already global
             return jax.device_put(a, sharding)
-        host = np.asarray(a)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return _from_host(np.asarray(a), sharding)
 
     return jax.tree.map(place, tree)
 
@@ -503,8 +507,7 @@ def shard_batch(mesh: Mesh | None, *arrays: np.ndarray):
         a = np.asarray(a)
         if a.shape[0] % n_dev:
             raise ValueError(f"batch of {a.shape[0]} does not divide over {n_dev} devices")
-        # Called once per addressable device, with that device's rows.
-        out.append(jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]))
+        out.append(_from_host(a, sharding))
     return tuple(out) if len(out) > 1 else out[0]
 
 
