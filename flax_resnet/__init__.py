@@ -2,6 +2,7 @@
 
 from flax_resnet.archs import ARCHS, TORCHVISION_PARAM_COUNTS, ArchSpec, get_arch
 from flax_resnet.checkpoint import CheckpointError, load, read_state_dict, save
+from flax_resnet.hub import from_pretrained
 from flax_resnet.convert import (
     ConversionError,
     ModelConfig,
