@@ -1,0 +1,157 @@
+"""Exact conversion between NNX ResNets, Linen variables and torch state_dicts.
+
+An NNX ResNet's state paths are the Linen variable paths (``layer1/0/conv2``,
+``layer1/0/downsample/0``, ``layer3/rest`` when scanned) with the collection
+given by the variable type (``nnx.Param`` -> ``params``, ``nnx.BatchStat`` ->
+``batch_stats``), so Linen <-> NNX is a relabeling that moves no bytes, and
+torch <-> NNX goes through the Linen converter (``flax_resnet.convert``),
+with its layouts, strictness and collected errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+
+from flax_resnet.archs import ArchSpec, get_arch
+from flax_resnet.convert import (
+    ConversionError,
+    ModelConfig,
+    check_variables,
+    flax_to_torch,
+    infer_config,
+    infer_flax_config,
+    is_stacked,
+    normalize_state_dict,
+    stack_blocks,
+    torch_to_flax,
+    unstack_blocks,
+)
+from flax_resnet.nnx.model import ResNet
+
+COLLECTIONS = {nnx.Param: "params", nnx.BatchStat: "batch_stats"}
+
+
+def _collection(var: nnx.Variable, path: tuple) -> str:
+    for kind, name in COLLECTIONS.items():
+        if isinstance(var, kind):
+            return name
+    raise ConversionError("Linen variables", other=[f"{'/'.join(map(str, path))} is an {type(var).__name__}, not a Param or BatchStat"])
+
+
+def _flat_state(model: ResNet) -> list[tuple[tuple[str, ...], str, nnx.Variable]]:
+    """``(path, collection, variable)`` of every variable, path parts as strings."""
+    out = []
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        out.append((tuple(str(p) for p in path), _collection(var, path), var))
+    return out
+
+
+def to_linen(model: ResNet) -> dict[str, dict]:
+    """The Linen variables of ``model``: ``{"params": ..., "batch_stats": ...}``.
+
+    The tree ``flax_resnet.ResNet`` with the same settings applies (stacked
+    under ``layerN/rest`` for ``scan_blocks=True``); its leaves are the
+    model's own arrays (no copy).
+    """
+    if not isinstance(model, ResNet):
+        raise TypeError(f"to_linen expects a flax_resnet.nnx.ResNet, got {type(model).__name__}")
+    flat: dict[str, dict] = {"params": {}, "batch_stats": {}}
+    for path, collection, var in _flat_state(model):
+        flat[collection][path] = var[...]
+    return {c: traverse_util.unflatten_dict(t) for c, t in flat.items()}
+
+
+def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, Any], **model_kwargs: Any) -> ResNet:
+    """An NNX ResNet holding Linen ResNet variables (exactly; the arrays are placed, not changed).
+
+    Args:
+        model_or_arch: an ``flax_resnet.nnx.ResNet`` to fill in place, or an
+            architecture name / ``ArchSpec`` to build one for (num_classes,
+            input channels, conv bias and dtype come from ``variables``; no
+            weights are initialized).
+        variables: ``{"params": ..., "batch_stats": ...}`` of
+            ``flax_resnet.ResNet``, unrolled or stacked (``scan_blocks``);
+            restacked to the model's form.
+        **model_kwargs: with an architecture, more ``ResNet`` arguments
+            (``dtype``, ``scan_blocks``, ``remat``, ``precision``, ...);
+            ``scan_blocks`` defaults to the form of ``variables``.
+
+    Returns:
+        The model (the same object when one was given), in train mode when
+        newly built, like any new NNX ResNet.
+
+    Raises:
+        ConversionError: every missing, unexpected and mis-shaped leaf at once.
+    """
+    target = f"NNX {getattr(model_or_arch, 'arch', getattr(model_or_arch, 'name', model_or_arch))}"
+    if not isinstance(variables, Mapping):
+        raise ConversionError(target, other=[f"expected Linen variables (a mapping), got {type(variables).__name__}"])
+    if isinstance(model_or_arch, ResNet):
+        if model_kwargs:
+            raise TypeError(f"model arguments {sorted(model_kwargs)} only apply when building from an architecture name")
+        model = model_or_arch
+    else:
+        spec = get_arch(model_or_arch)
+        cfg, has_bias = infer_flax_config(variables)
+        kernel = variables["params"]["fc"]["kernel"]
+        kw = dict(conv_bias=has_bias, param_dtype=np.dtype(kernel.dtype), scan_blocks=is_stacked(variables))
+        kw.update(model_kwargs)
+        model = nnx.eval_shape(lambda: ResNet(spec, cfg.num_classes, cfg.in_channels, rngs=nnx.Rngs(0), **kw))
+
+    unrolled = unstack_blocks(variables) if is_stacked(variables) else variables
+    layout = "seed" if model.conv_bias else "torchvision"
+    check_variables(unrolled, ModelConfig(model.arch, layout, model.num_classes, model.in_channels), f"NNX {model.arch}")
+    tree = stack_blocks(unrolled) if model.scan_blocks else unrolled
+    flat = {(c, *map(str, p)): v for c in ("params", "batch_stats") for p, v in traverse_util.flatten_dict(dict(tree[c])).items()}
+    state = _flat_state(model)
+    if set(flat) != {(c, *p) for p, c, _ in state}:  # the model's paths are Linen's by construction
+        raise AssertionError(f"NNX {model.arch} state paths differ from the Linen tree")
+    values = jax.device_put([flat[(c, *p)] for p, c, _ in state])
+    for (_, _, var), value in zip(state, values):
+        var.set_value(value)
+    return model
+
+
+def from_torch(
+    state_dict: Mapping[str, Any],
+    arch: str | None = None,
+    layout: str | None = None,
+    param_dtype: Any = None,
+    scan_blocks: bool = False,
+    **model_kwargs: Any,
+) -> ResNet:
+    """The NNX ResNet of a torch state_dict (every layout ``flax_resnet.from_torch`` reads).
+
+    Args:
+        state_dict: a torch ResNet state_dict (tensors or numpy arrays;
+            ``module.``/``_orig_mod.`` prefixes are stripped).
+        arch: force the architecture (else inferred from keys and shapes).
+        layout: force the layout (``"torchvision"`` or ``"seed"``).
+        param_dtype: cast the weights to this dtype (else the source's).
+        scan_blocks: stack each stage's repeated blocks (``nnx.scan``).
+        **model_kwargs: more ``ResNet`` arguments (``dtype``, ``precision``,
+            ``stride_in_1x1``, ``remat``, ...).
+
+    Returns:
+        The model, in train mode (call ``model.eval()`` for inference).
+
+    Raises:
+        ConversionError: every missing key, unexpected key and shape mismatch at once.
+    """
+    sd = normalize_state_dict(state_dict)
+    cfg = infer_config(sd, arch, layout)
+    variables = torch_to_flax(sd, cfg.arch, cfg.layout, dtype=param_dtype, scan_blocks=scan_blocks)
+    return from_linen(cfg.arch, variables, scan_blocks=scan_blocks, **model_kwargs)
+
+
+def to_torch(model: ResNet, layout: str = "torchvision", num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+    """A torch state_dict (numpy arrays) of an NNX ResNet; ``flax_to_torch`` of ``to_linen(model)``.
+
+    Loads with ``strict=True`` into ``torch_ref.ResNet(arch, layout=layout)``
+    and torchvision/timm; the exact inverse of ``from_torch``.
+    """
+    return flax_to_torch(jax.device_get(to_linen(model)), layout=layout, num_batches_tracked=num_batches_tracked)
