@@ -1,4 +1,4 @@
-"""The ``flax-resnet`` command: ``parity``, ``convert``, ``inspect``, ``train``.
+"""The flax-resnet command: parity, convert, inspect, train, predict.
 
 Each subcommand lives in its own module with ``register(subparsers)``;
 heavy imports (torch, orbax) happen inside the command, not here.
@@ -10,7 +10,10 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("parity.cli", "flax_resnet.io_cli", "flax_resnet.train_cli")
+SUBCOMMANDS = ("parity.cli", "flax_resnet.io_cli", "flax_resnet.train_cli", "flax_resnet.predict")
+
+# The torch this project is built and tested against (the README's set-up pins it; any torch >= 2.1 reads files).
+TORCH_INSTALL = "pip install torch==2.13.0"
 
 
 class UsageError(Exception):
@@ -25,9 +28,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flax_resnet import __version__
+
     # Subparsers inherit the parser class, so every subcommand reports errors the same way.
-    parser = _Parser(prog="flax-resnet", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="flax-resnet",
+        description="Flax ResNets numerically interchangeable with PyTorch: check parity, convert and inspect "
+        "checkpoints, train, and classify images. 'flax-resnet COMMAND --help' describes each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
             module = importlib.import_module(name)
@@ -47,7 +57,20 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         print(f"flax-resnet {args.command}: error: {msg}", file=sys.stderr)
         return 2
-
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT; writers leave nothing behind
+        print(f"flax-resnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as e:  # an optional dependency; the project's own modules are bugs
+        if (e.name or "").split(".")[0] in ("flax_resnet", "parity", "torch_ref"):
+            raise
+        if e.name == "torch":
+            msg = f"this needs PyTorch: {TORCH_INSTALL} (the CPU wheel the project is tested with)"
+        elif str(e).startswith("No module named"):
+            msg = f"this needs the {e.name} package: pip install {e.name}"
+        else:  # our own messages say what to install
+            msg = " ".join(str(e).split())
+        print(f"flax-resnet {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())
