@@ -86,6 +86,7 @@ def test_torchvision_names_hit_the_torch_hub_cache(caches):
         info = hub.resolve(name, download=False)
         assert info.source == "torchvision" and info.path == d / "resnet18-f37072fd.pth"
         assert (info.preprocess.resize, info.preprocess.crop, info.preprocess.interpolation) == (256, 224, "bilinear")
+        assert info.labels == hub.imagenet_labels()
     _assert_same(flax_resnet.from_pretrained("ResNet18_Weights.IMAGENET1K_V1", download=False), expected)
     model, variables = flax_resnet.from_pretrained("resnet18", download=False, dtype=jax.numpy.bfloat16)
     assert model.dtype == jax.numpy.bfloat16
@@ -99,6 +100,9 @@ def test_torchvision_table():
     assert w["resnext101_64x4d"].resize == 232  # its only (V1) weights use the new recipe's 232
     assert w["resnet50_weights.imagenet1k_v2"].url == "https://download.pytorch.org/models/resnet50-11ad3fa6.pth"
     assert {v.arch for v in w.values()} == {a for a in flax_resnet.ARCHS if a in hub.TORCHVISION_WEIGHTS}
+    labels = hub.imagenet_labels()  # torchvision's weights.meta["categories"]
+    assert len(labels) == len(set(labels)) == 1000
+    assert (labels[0], labels[207], labels[281], labels[999]) == ("tench", "golden retriever", "tabby", "toilet tissue")
 
 
 def test_missing_torchvision_file_is_one_line(caches, monkeypatch):
