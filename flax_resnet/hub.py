@@ -337,12 +337,14 @@ def from_pretrained(name: str | os.PathLike, api: str = "linen", download: bool 
 
     Returns:
         ``(model, variables)`` exactly as ``flax_resnet.load(resolve(name).path)``
-        for ``api="linen"``; an NNX model for ``api="nnx"``. Labels and the
-        preprocessing are in ``resolve(name)``.
+        for ``api="linen"``; for ``api="nnx"`` a ``flax_resnet.nnx.ResNet``
+        holding the same arrays (in train mode, like any new NNX or torch
+        model: call ``.eval()`` for inference). Labels and the preprocessing
+        are in ``resolve(name)``.
 
     Raises:
         FileNotFoundError: not cached and not downloadable.
-        NotImplementedError: ``api="nnx"`` before ``flax_resnet.nnx`` exists.
+        NotImplementedError: ``api="nnx"`` where ``flax_resnet.nnx`` is missing.
         ValueError: an unknown name or api; ``ConversionError`` (a
             ``ValueError``) for weights that are not a ResNet this package builds.
     """
@@ -360,5 +362,6 @@ def from_pretrained(name: str | os.PathLike, api: str = "linen", download: bool 
     info = resolve(name, download=download, revision=revision)
     model, variables = load(info.path, **load_kwargs)
     if api == "nnx":
-        return fnnx.from_linen(model, variables)
+        kwargs = {name: getattr(model, name) for name in ("dtype", "precision") if getattr(model, name, None) is not None}
+        return fnnx.from_linen(model.arch, variables, **kwargs)
     return model, variables

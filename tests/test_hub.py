@@ -90,6 +90,10 @@ def test_torchvision_names_hit_the_torch_hub_cache(caches):
     _assert_same(flax_resnet.from_pretrained("ResNet18_Weights.IMAGENET1K_V1", download=False), expected)
     model, variables = flax_resnet.from_pretrained("resnet18", download=False, dtype=jax.numpy.bfloat16)
     assert model.dtype == jax.numpy.bfloat16
+    nnx_model = flax_resnet.from_pretrained("resnet18.tv_in1k", api="nnx", download=False)
+    from flax_resnet import nnx as fnnx
+
+    _assert_same((nnx_model.arch, fnnx.to_linen(nnx_model)), (expected[0].arch, expected[1]))
 
 
 def test_torchvision_table():
