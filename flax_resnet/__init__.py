@@ -1,29 +1,54 @@
-"""flax-resnet: Flax ResNets numerically interchangeable with PyTorch."""
+"""flax-resnet: Flax ResNets numerically interchangeable with PyTorch.
 
-from flax_resnet.archs import ARCHS, TORCHVISION_PARAM_COUNTS, ArchSpec, get_arch
-from flax_resnet.checkpoint import CheckpointError, load, read_state_dict, save
-from flax_resnet.hub import from_pretrained
-from flax_resnet.convert import (
-    ConversionError,
-    ModelConfig,
-    flax_to_torch,
-    from_torch,
-    infer_config,
-    torch_to_flax,
-)
-from flax_resnet.layers import BatchNorm
-from flax_resnet.model import (
-    ResNet,
-    resnet18,
-    resnet34,
-    resnet50,
-    resnet101,
-    resnet152,
-    resnext50_32x4d,
-    resnext101_32x8d,
-    resnext101_64x4d,
-    wide_resnet50_2,
-    wide_resnet101_2,
-)
+``flax_resnet.archs`` (the family as data) is imported eagerly and needs
+neither jax nor torch; everything else loads on first use (PEP 562), so
+``torch_ref`` can read the architecture table without importing JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from flax_resnet.archs import ARCHS, PARAM_COUNTS, TIMM_PARAM_COUNTS, TORCHVISION_PARAM_COUNTS, ArchSpec, get_arch
 
 __version__ = "0.1.0"
+
+# public name -> defining module; one factory per architecture comes from flax_resnet.model.
+_LAZY = {
+    "CheckpointError": "flax_resnet.checkpoint",
+    "load": "flax_resnet.checkpoint",
+    "read_state_dict": "flax_resnet.checkpoint",
+    "save": "flax_resnet.checkpoint",
+    "from_pretrained": "flax_resnet.hub",
+    "ConversionError": "flax_resnet.convert",
+    "ModelConfig": "flax_resnet.convert",
+    "check_variables": "flax_resnet.convert",
+    "flax_to_torch": "flax_resnet.convert",
+    "from_torch": "flax_resnet.convert",
+    "infer_config": "flax_resnet.convert",
+    "torch_to_flax": "flax_resnet.convert",
+    "BatchNorm": "flax_resnet.layers",
+    "ResNet": "flax_resnet.model",
+    **{name: "flax_resnet.model" for name in ARCHS},
+}
+
+__all__ = ["ARCHS", "PARAM_COUNTS", "TIMM_PARAM_COUNTS", "TORCHVISION_PARAM_COUNTS", "ArchSpec", "get_arch", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        try:  # submodules: flax_resnet.convert, flax_resnet.inference, ...
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

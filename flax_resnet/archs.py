@@ -1,8 +1,28 @@
-"""The ResNet family as data: one table of stage sizes, block kind and width.
+"""The ResNet family as data: one row per architecture, and every layer's names.
 
-Both frameworks build from this table (``flax_resnet.model`` and
-``torch_ref``), and the converter derives every key and shape from it, so a
-new variant is one row here.
+Everything that builds or reads a ResNet derives it from here: the Flax model
+(``flax_resnet.model``), the PyTorch reference (``torch_ref``), the
+converter's key mapping (``flax_resnet.convert``), the BatchNorm fold
+(``flax_resnet.inference``) and the parity harness. A new variant of an
+existing kind is one row of ``ARCHS`` (plus its published parameter count).
+
+This module imports neither jax nor torch: ``torch_ref`` reads it without
+pulling in JAX.
+
+Names (torch state_dict key prefix -> Flax path, ``.`` -> ``/``):
+
+* stem ``"7x7"``: ``conv1`` (7x7/2, pad 3), ``bn1``.
+* stem ``"deep"``/``"deep_tiered"`` (timm): ``conv1.0`` (3x3/2), ``conv1.1``
+  (BN), ``conv1.3`` (3x3), ``conv1.4`` (BN), ``conv1.6`` (3x3), then ``bn1``;
+  indices 2 and 5 are ReLUs (no parameters).
+* blocks: ``layer{s}.{i}.conv{k}`` / ``bn{k}``.
+* shortcut ``"conv"``: ``downsample.0`` (1x1/stride conv), ``downsample.1``
+  (BN); the seed layout calls it ``identity_downsample``.
+* shortcut ``"avg_down"`` (timm): ``downsample.0`` is
+  ``AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)`` (an
+  identity at stride 1; no parameters), ``downsample.1`` the 1x1/1 conv,
+  ``downsample.2`` the BN.
+* ``fc``.
 """
 
 from __future__ import annotations
@@ -11,99 +31,13 @@ import dataclasses
 from typing import Iterator
 
 LAYOUTS = ("torchvision", "seed")
+STEMS = ("7x7", "deep", "deep_tiered")
+SHORTCUTS = ("conv", "avg_down")
+SHORTCUT_NAME = {"seed": "identity_downsample", "torchvision": "downsample"}
 
 # Channels entering each stage's blocks ("planes" in torchvision's naming).
 STAGE_PLANES = (64, 128, 256, 512)
-STEM_CHANNELS = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class ArchSpec:
-    """One ResNet variant.
-
-    Attributes:
-        name: torchvision's name of the architecture.
-        block: ``"basic"`` (two 3x3 convs, expansion 1) or ``"bottleneck"``
-            (1x1, 3x3, 1x1, expansion 4).
-        stage_sizes: number of blocks in layer1..layer4.
-        groups: groups of the 3x3 conv (ResNeXt cardinality).
-        width_per_group: channels per group of the 3x3 conv at 64 planes
-            (64 for ResNet, 128 for Wide ResNet-2, 4 or 8 for ResNeXt).
-    """
-
-    name: str
-    block: str
-    stage_sizes: tuple[int, int, int, int]
-    groups: int = 1
-    width_per_group: int = 64
-
-    @property
-    def expansion(self) -> int:
-        return 4 if self.block == "bottleneck" else 1
-
-    @property
-    def num_features(self) -> int:
-        """Width of the pooled features that feed ``fc``."""
-        return STAGE_PLANES[-1] * self.expansion
-
-    def width(self, planes: int) -> int:
-        """Channels of a block's inner convs (torchvision's rule)."""
-        if self.block == "basic":
-            return planes
-        return int(planes * (self.width_per_group / 64.0)) * self.groups
-
-    @property
-    def has_seed_layout(self) -> bool:
-        """The seed (blog) code only defines bottleneck ResNet-50/101/152."""
-        return self.block == "bottleneck" and self.groups == 1 and self.width_per_group == 64
-
-
-ARCHS: dict[str, ArchSpec] = {
-    spec.name: spec
-    for spec in (
-        ArchSpec("resnet18", "basic", (2, 2, 2, 2)),
-        ArchSpec("resnet34", "basic", (3, 4, 6, 3)),
-        ArchSpec("resnet50", "bottleneck", (3, 4, 6, 3)),
-        ArchSpec("resnet101", "bottleneck", (3, 4, 23, 3)),
-        ArchSpec("resnet152", "bottleneck", (3, 8, 36, 3)),
-        ArchSpec("wide_resnet50_2", "bottleneck", (3, 4, 6, 3), width_per_group=128),
-        ArchSpec("wide_resnet101_2", "bottleneck", (3, 4, 23, 3), width_per_group=128),
-        ArchSpec("resnext50_32x4d", "bottleneck", (3, 4, 6, 3), groups=32, width_per_group=4),
-        ArchSpec("resnext101_32x8d", "bottleneck", (3, 4, 23, 3), groups=32, width_per_group=8),
-        ArchSpec("resnext101_64x4d", "bottleneck", (3, 4, 23, 3), groups=64, width_per_group=4),
-    )
-}
-
-# Published torchvision parameter counts (num_classes=1000, 3 input channels).
-TORCHVISION_PARAM_COUNTS = {
-    "resnet18": 11_689_512,
-    "resnet34": 21_797_672,
-    "resnet50": 25_557_032,
-    "resnet101": 44_549_160,
-    "resnet152": 60_192_808,
-    "wide_resnet50_2": 68_883_240,
-    "wide_resnet101_2": 126_886_696,
-    "resnext50_32x4d": 25_028_904,
-    "resnext101_32x8d": 88_791_336,
-    "resnext101_64x4d": 83_455_272,
-}
-
-
-def get_arch(name: str | ArchSpec) -> ArchSpec:
-    """Looks up an architecture by name; raises ValueError naming the choices."""
-    if isinstance(name, ArchSpec):
-        return name
-    try:
-        return ARCHS[name]
-    except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}") from None
-
-
-def check_layout(spec: ArchSpec, layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if layout == "seed" and not spec.has_seed_layout:
-        raise ValueError(f"layout 'seed' exists only for resnet50/101/152, not {spec.name}")
+STEM_CHANNELS = 64  # output channels of the 7x7 stem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,28 +51,229 @@ class ConvSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSpec:
-    """One residual block: its convs in order, and the shortcut projection."""
+class ArchSpec:
+    """One ResNet variant.
 
-    stage: int  # 1..4
+    Attributes:
+        name: torchvision's or timm's name of the architecture.
+        block: ``"basic"`` (two 3x3 convs, expansion 1) or ``"bottleneck"``
+            (1x1, 3x3, 1x1, expansion 4).
+        stage_sizes: number of blocks in layer1..layer4.
+        groups: groups of the 3x3 conv (ResNeXt cardinality).
+        width_per_group: channels per group of the 3x3 conv at 64 planes
+            (64 for ResNet, 128 for Wide ResNet-2, 4 or 8 for ResNeXt).
+        stem: ``"7x7"`` (one 7x7/2 conv), ``"deep"`` (3x3/2, 3x3, 3x3 of
+            widths ``w, w, 2w``) or ``"deep_tiered"`` (``3*(w//4), w, 2w``),
+            ``w = stem_width``; timm's ``stem_type``.
+        stem_width: timm's ``stem_width`` (deep stems only).
+        shortcut: ``"conv"`` (1x1/stride conv + BN) or ``"avg_down"``
+            (2x2 average pool with the stride, then 1x1 conv + BN); timm's
+            ``avg_down``.
+        source: the library whose published model this row is
+            (``"torchvision"`` or ``"timm"``).
+    """
+
+    name: str
+    block: str
+    stage_sizes: tuple[int, int, int, int]
+    groups: int = 1
+    width_per_group: int = 64
+    stem: str = "7x7"
+    stem_width: int = 32
+    shortcut: str = "conv"
+    source: str = "torchvision"
+
+    def __post_init__(self):
+        if self.stem not in STEMS or self.shortcut not in SHORTCUTS or self.block not in ("basic", "bottleneck"):
+            raise ValueError(f"{self.name}: unknown block/stem/shortcut {self.block!r}/{self.stem!r}/{self.shortcut!r}")
+
+    @property
+    def expansion(self) -> int:
+        return 4 if self.block == "bottleneck" else 1
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features that feed ``fc``."""
+        return STAGE_PLANES[-1] * self.expansion
+
+    @property
+    def stem_channels(self) -> int:
+        """Channels out of the stem (into ``layer1``)."""
+        return STEM_CHANNELS if self.stem == "7x7" else 2 * self.stem_width
+
+    def width(self, planes: int) -> int:
+        """Channels of a block's inner convs (torchvision's rule)."""
+        if self.block == "basic":
+            return planes
+        return int(planes * (self.width_per_group / 64.0)) * self.groups
+
+    @property
+    def has_seed_layout(self) -> bool:
+        """The seed (blog) code only defines bottleneck ResNet-50/101/152."""
+        return self.name in ("resnet50", "resnet101", "resnet152")
+
+
+def _row(name, block, sizes, **kw) -> ArchSpec:
+    return ArchSpec(name, block, sizes, **kw)
+
+
+_R50, _R101, _R152 = (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
+_TIMM_C = dict(stem="deep", source="timm")
+_TIMM_D = dict(stem="deep", shortcut="avg_down", source="timm")
+_TIMM_S = dict(stem="deep", stem_width=64, source="timm")
+_TIMM_T = dict(stem="deep_tiered", shortcut="avg_down", source="timm")
+
+ARCHS: dict[str, ArchSpec] = {
+    spec.name: spec
+    for spec in (
+        _row("resnet18", "basic", (2, 2, 2, 2)),
+        _row("resnet34", "basic", (3, 4, 6, 3)),
+        _row("resnet50", "bottleneck", _R50),
+        _row("resnet101", "bottleneck", _R101),
+        _row("resnet152", "bottleneck", _R152),
+        _row("wide_resnet50_2", "bottleneck", _R50, width_per_group=128),
+        _row("wide_resnet101_2", "bottleneck", _R101, width_per_group=128),
+        _row("resnext50_32x4d", "bottleneck", _R50, groups=32, width_per_group=4),
+        _row("resnext101_32x8d", "bottleneck", _R101, groups=32, width_per_group=8),
+        _row("resnext101_64x4d", "bottleneck", _R101, groups=64, width_per_group=4),
+        # timm (timm/models/resnet.py): stem_type / stem_width / avg_down as data.
+        _row("resnet10t", "basic", (1, 1, 1, 1), **_TIMM_T),
+        _row("resnet14t", "bottleneck", (1, 1, 1, 1), **_TIMM_T),
+        _row("resnet18d", "basic", (2, 2, 2, 2), **_TIMM_D),
+        _row("resnet26", "bottleneck", (2, 2, 2, 2), source="timm"),
+        _row("resnet26d", "bottleneck", (2, 2, 2, 2), **_TIMM_D),
+        _row("resnet26t", "bottleneck", (2, 2, 2, 2), **_TIMM_T),
+        _row("resnet34d", "basic", (3, 4, 6, 3), **_TIMM_D),
+        _row("resnet50c", "bottleneck", _R50, **_TIMM_C),
+        _row("resnet50d", "bottleneck", _R50, **_TIMM_D),
+        _row("resnet50s", "bottleneck", _R50, **_TIMM_S),
+        _row("resnet50t", "bottleneck", _R50, **_TIMM_T),
+        _row("resnet101c", "bottleneck", _R101, **_TIMM_C),
+        _row("resnet101d", "bottleneck", _R101, **_TIMM_D),
+        _row("resnet101s", "bottleneck", _R101, **_TIMM_S),
+        _row("resnet152c", "bottleneck", _R152, **_TIMM_C),
+        _row("resnet152d", "bottleneck", _R152, **_TIMM_D),
+        _row("resnet152s", "bottleneck", _R152, **_TIMM_S),
+        _row("resnet200", "bottleneck", (3, 24, 36, 3), source="timm"),
+        _row("resnet200d", "bottleneck", (3, 24, 36, 3), **_TIMM_D),
+    )
+}
+
+# Published parameter counts (num_classes=1000, 3 input channels).
+TORCHVISION_PARAM_COUNTS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "wide_resnet50_2": 68_883_240,
+    "wide_resnet101_2": 126_886_696,
+    "resnext50_32x4d": 25_028_904,
+    "resnext101_32x8d": 88_791_336,
+    "resnext101_64x4d": 83_455_272,
+}
+TIMM_PARAM_COUNTS = {
+    "resnet10t": 5_435_488,
+    "resnet14t": 10_081_632,
+    "resnet18d": 11_708_744,
+    "resnet26": 15_995_176,
+    "resnet26d": 16_014_408,
+    "resnet26t": 16_011_872,
+    "resnet34d": 21_816_904,
+    "resnet50c": 25_576_264,
+    "resnet50d": 25_576_264,
+    "resnet50s": 25_680_808,
+    "resnet50t": 25_573_728,
+    "resnet101c": 44_568_392,
+    "resnet101d": 44_568_392,
+    "resnet101s": 44_672_936,
+    "resnet152c": 60_212_040,
+    "resnet152d": 60_212_040,
+    "resnet152s": 60_316_584,
+    "resnet200": 64_673_832,
+    "resnet200d": 64_693_064,
+}
+PARAM_COUNTS = {**TORCHVISION_PARAM_COUNTS, **TIMM_PARAM_COUNTS}
+
+
+def get_arch(name: str | ArchSpec) -> ArchSpec:
+    """Looks up an architecture by name; raises ValueError naming the choices."""
+    if isinstance(name, ArchSpec):
+        return name
+    try:
+        return ARCHS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}") from None
+
+
+def check_layout(spec: ArchSpec, layout: str) -> None:
+    """Raises ValueError unless ``spec`` exists in state_dict layout ``layout``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "seed" and not spec.has_seed_layout:
+        raise ValueError(f"layout 'seed' exists only for resnet50/101/152, not {spec.name}")
+
+
+# ---------------------------------------------------------------------------
+# Layers
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """One residual block: its convs in order, and the shortcut projection.
+
+    Attributes:
+        stage: 1..4.
+        index: position in the stage.
+        convs: the residual branch's convs.
+        downsample: the shortcut's 1x1 conv (stride 1 for ``avg_down``,
+            whose pooling does the striding), or ``None`` for an identity.
+        shortcut: ``"conv"`` or ``"avg_down"``.
+        stride: the block's stride (the avg-pool's stride for ``avg_down``).
+    """
+
+    stage: int
     index: int
     convs: tuple[ConvSpec, ...]
     downsample: ConvSpec | None
+    shortcut: str = "conv"
+    stride: int = 1
 
     @property
     def name(self) -> str:
         return f"layer{self.stage}.{self.index}"
 
+    @property
+    def shortcut_indices(self) -> tuple[int, int]:
+        """Positions of the shortcut's conv and BN in torch's ``downsample`` Sequential."""
+        return (1, 2) if self.shortcut == "avg_down" else (0, 1)
+
+
+def stem_convs(spec: ArchSpec, in_channels: int = 3) -> tuple[ConvSpec, ...]:
+    """The stem's convs in order (one for ``7x7``, three for the deep stems)."""
+    if spec.stem == "7x7":
+        return (ConvSpec(in_channels, STEM_CHANNELS, 7, 2, 3),)
+    w = spec.stem_width
+    first = 3 * (w // 4) if spec.stem == "deep_tiered" else w
+    return (ConvSpec(in_channels, first, 3, 2, 1), ConvSpec(first, w, 3, 1, 1), ConvSpec(w, 2 * w, 3, 1, 1))
+
+
+def stem_names(spec: ArchSpec) -> tuple[tuple[str, str | None], ...]:
+    """``(conv, bn)`` torch names of each stem conv; the last BN is ``bn1``."""
+    if spec.stem == "7x7":
+        return (("conv1", "bn1"),)
+    return (("conv1.0", "conv1.1"), ("conv1.3", "conv1.4"), ("conv1.6", "bn1"))
+
 
 def blocks(spec: ArchSpec, stride_in_1x1: bool = False) -> Iterator[BlockSpec]:
     """Yields every residual block of ``spec`` with its conv shapes.
 
-    ``stride_in_1x1=False`` is ResNet v1.5 (torchvision's default): a
-    downsampling bottleneck strides in its 3x3 conv, which loses no input
+    ``stride_in_1x1=False`` is ResNet v1.5 (torchvision's and timm's default):
+    a downsampling bottleneck strides in its 3x3 conv, which loses no input
     pixels. ``True`` is the original paper's v1 (and Caffe weights), which
     strides in the first 1x1 conv and so skips 3 of every 4 positions.
     """
-    in_ch = STEM_CHANNELS
+    in_ch = spec.stem_channels
     for stage, (planes, n) in enumerate(zip(STAGE_PLANES, spec.stage_sizes), start=1):
         for index in range(n):
             stride = 2 if (index == 0 and stage > 1) else 1
@@ -158,6 +293,63 @@ def blocks(spec: ArchSpec, stride_in_1x1: bool = False) -> Iterator[BlockSpec]:
                 )
             downsample = None
             if stride != 1 or in_ch != out_ch:
-                downsample = ConvSpec(in_ch, out_ch, 1, stride, 0)
-            yield BlockSpec(stage, index, convs, downsample)
+                conv_stride = 1 if spec.shortcut == "avg_down" else stride
+                downsample = ConvSpec(in_ch, out_ch, 1, conv_stride, 0)
+            yield BlockSpec(stage, index, convs, downsample, spec.shortcut, stride)
             in_ch = out_ch
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One module with parameters, named in both frameworks.
+
+    Attributes:
+        torch: the torch module name (state_dict key prefix), e.g.
+            ``"layer1.0.downsample.1"``.
+        flax: the Flax module path, e.g. ``("layer1", "0", "downsample", "1")``.
+        kind: ``"conv"``, ``"bn"`` or ``"linear"``.
+        conv: the conv's shape (``kind == "conv"``).
+        features: output channels (conv, bn) or classes (linear).
+        in_features: input features of ``fc`` (``kind == "linear"``).
+    """
+
+    torch: str
+    flax: tuple[str, ...]
+    kind: str
+    conv: ConvSpec | None = None
+    features: int = 0
+    in_features: int = 0
+
+
+def layers(spec: ArchSpec, layout: str = "torchvision", num_classes: int = 1000, in_channels: int = 3) -> Iterator[Layer]:
+    """Every module with parameters in forward order; a conv's BN follows it.
+
+    Flax paths mirror torch's names, except that the seed layout's
+    ``identity_downsample`` is ``downsample`` in Flax too.
+    """
+
+    def conv(name: str, c: ConvSpec) -> Layer:
+        return Layer(name, tuple(name.replace(SHORTCUT_NAME["seed"], "downsample").split(".")), "conv", c, c.out_ch)
+
+    def bn(name: str, c: int) -> Layer:
+        return Layer(name, tuple(name.replace(SHORTCUT_NAME["seed"], "downsample").split(".")), "bn", None, c)
+
+    for c, (cn, bnn) in zip(stem_convs(spec, in_channels), stem_names(spec)):
+        yield conv(cn, c)
+        yield bn(bnn, c.out_ch)
+    short = SHORTCUT_NAME[layout]
+    for b in blocks(spec):
+        for i, c in enumerate(b.convs, start=1):
+            yield conv(f"{b.name}.conv{i}", c)
+            yield bn(f"{b.name}.bn{i}", c.out_ch)
+        if b.downsample is not None:
+            ci, bi = b.shortcut_indices
+            yield conv(f"{b.name}.{short}.{ci}", b.downsample)
+            yield bn(f"{b.name}.{short}.{bi}", b.downsample.out_ch)
+    yield Layer("fc", ("fc",), "linear", None, num_classes, spec.num_features)
+
+
+def conv_bn_pairs(spec: ArchSpec, layout: str = "torchvision") -> list[tuple[Layer, Layer]]:
+    """Every conv with the BatchNorm that follows it (the pairs a BN fold merges)."""
+    seq = list(layers(spec, layout))
+    return [(a, b) for a, b in zip(seq, seq[1:]) if a.kind == "conv" and b.kind == "bn"]

@@ -10,11 +10,12 @@ raised together in one ``ConversionError``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
-from flax_resnet.archs import ARCHS, STEM_CHANNELS, ArchSpec, blocks, check_layout, get_arch
+from flax_resnet import archs
+from flax_resnet.archs import ARCHS, ArchSpec, check_layout, get_arch
 
 # ---------------------------------------------------------------------------
 # The mapping
@@ -91,15 +92,15 @@ def _materialize(jobs: list[tuple[Callable[[], np.ndarray], int]]) -> list[np.nd
 
 def _to_flax_copy(leaf: "Leaf", value: np.ndarray, dtype: Any) -> np.ndarray:
     fast = _COPY_TO_FLAX.get(leaf.transform.name)
-    out = fast(value) if fast is not None and np.ndim(value) == len(leaf.torch_shape) else np.ascontiguousarray(leaf.transform.to_flax(value))
-    return out.astype(dtype) if dtype is not None else out
+    out = fast(value) if fast is not None and np.ndim(value) == len(leaf.torch_shape) else np.array(leaf.transform.to_flax(value), order="C")
+    return out.astype(dtype, copy=False) if dtype is not None else out
 
 
 def _to_torch_copy(leaf: "Leaf", value: np.ndarray) -> np.ndarray:
     fast = _COPY_TO_TORCH.get(leaf.transform.name)
     if fast is not None and np.ndim(value) == len(leaf.torch_shape):
         return fast(value)
-    return np.ascontiguousarray(leaf.transform.to_torch(value))
+    return np.array(leaf.transform.to_torch(value), order="C")
 
 
 # torch leaf -> (Flax collection, Flax leaf, transform), per module kind.
@@ -115,7 +116,6 @@ RULES: dict[str, tuple[tuple[str, str, str, Transform], ...]] = {
 }
 # torch-only state, dropped on the way in and written back on the way out.
 IGNORED_BN_LEAVES = ("num_batches_tracked",)
-SHORTCUT = {"seed": "identity_downsample", "torchvision": "downsample"}
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 
 
@@ -126,6 +126,10 @@ class Leaf:
     flax_path: tuple[str, ...]
     transform: Transform
     torch_shape: tuple[int, ...]
+
+    @property
+    def flax_shape(self) -> tuple[int, ...]:
+        return tuple(self.transform.to_flax(np.empty(self.torch_shape, np.bool_)).shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,30 +147,18 @@ class ModelConfig:
 
 
 def modules(spec: ArchSpec, layout: str, num_classes: int, in_channels: int):
-    """Yields ``(torch_prefix, flax_path, kind, torch_shapes)`` for every module."""
-    bias = layout == "seed"
-
-    def conv(c_in, c_out, k, groups=1):
-        shapes = {"weight": (c_out, c_in // groups, k, k)}
-        if bias:
-            shapes["bias"] = (c_out,)
-        return "conv", shapes
-
-    def bn(c):
-        return "bn", {"weight": (c,), "bias": (c,), "running_mean": (c,), "running_var": (c,)}
-
-    yield ("conv1", ("conv1",), *conv(in_channels, STEM_CHANNELS, 7))
-    yield ("bn1", ("bn1",), *bn(STEM_CHANNELS))
-    for b in blocks(spec):
-        t, f = f"layer{b.stage}.{b.index}", (f"layer{b.stage}", str(b.index))
-        for i, c in enumerate(b.convs, start=1):
-            yield (f"{t}.conv{i}", (*f, f"conv{i}"), *conv(c.in_ch, c.out_ch, c.kernel, c.groups))
-            yield (f"{t}.bn{i}", (*f, f"bn{i}"), *bn(c.out_ch))
-        if b.downsample is not None:
-            d = b.downsample
-            yield (f"{t}.{SHORTCUT[layout]}.0", (*f, "downsample", "0"), *conv(d.in_ch, d.out_ch, 1))
-            yield (f"{t}.{SHORTCUT[layout]}.1", (*f, "downsample", "1"), *bn(d.out_ch))
-    yield ("fc", ("fc",), "linear", {"weight": (num_classes, spec.num_features), "bias": (num_classes,)})
+    """Yields ``(torch_prefix, flax_path, kind, torch_shapes)`` for every module (from ``archs.layers``)."""
+    for layer in archs.layers(spec, layout, num_classes, in_channels):
+        if layer.kind == "conv":
+            c = layer.conv
+            shapes = {"weight": (c.out_ch, c.in_ch // c.groups, c.kernel, c.kernel)}
+            if layout == "seed":
+                shapes["bias"] = (c.out_ch,)
+        elif layer.kind == "bn":
+            shapes = {k: (layer.features,) for k in ("weight", "bias", "running_mean", "running_var")}
+        else:
+            shapes = {"weight": (layer.features, layer.in_features), "bias": (layer.features,)}
+        yield layer.torch, layer.flax, layer.kind, shapes
 
 
 def leaves(cfg: ModelConfig) -> list[Leaf]:
@@ -182,14 +174,9 @@ def leaves(cfg: ModelConfig) -> list[Leaf]:
 
 
 def conv_bn_pairs(spec: ArchSpec):
-    """Flax paths of every conv and the BatchNorm that follows it."""
-    yield ("conv1",), ("bn1",)
-    for b in blocks(spec):
-        f = (f"layer{b.stage}", str(b.index))
-        for i in range(1, len(b.convs) + 1):
-            yield (*f, f"conv{i}"), (*f, f"bn{i}")
-        if b.downsample is not None:
-            yield (*f, "downsample", "0"), (*f, "downsample", "1")
+    """Flax paths of every conv and the BatchNorm that follows it (``archs.conv_bn_pairs``)."""
+    for conv, bn in archs.conv_bn_pairs(spec):
+        yield conv.flax, bn.flax
 
 
 def bn_prefixes(cfg: ModelConfig) -> list[str]:
@@ -239,38 +226,72 @@ class ConversionError(ValueError):
 # torch -> Flax
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    """A torch tensor (without importing torch) or array-like, as numpy."""
+def _to_numpy(key: str, value: Any) -> np.ndarray:
+    """A torch tensor (without importing torch) or array-like, as numpy; ``ConversionError`` naming ``key`` otherwise."""
     if type(value).__module__.startswith("torch"):
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16; reinterpret the bits
-            import ml_dtypes
+        layout, device, dtype = str(getattr(value, "layout", "")), str(getattr(value, "device", "")), str(getattr(value, "dtype", ""))
+        if layout not in ("torch.strided", ""):
+            raise ConversionError("a ResNet", other=[f"{key} is a {layout.removeprefix('torch.')} tensor; expected a dense one"])
+        if device == "meta":
+            raise ConversionError("a ResNet", other=[f"{key} is on the meta device (it holds no values)"])
+        try:
+            value = value.detach().cpu()
+            if dtype == "torch.bfloat16":  # numpy has no bfloat16; reinterpret the bits
+                import ml_dtypes
+                import torch
 
-            import torch
-
-            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return value.numpy()
-    return np.asarray(value)
+                return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return value.numpy()
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            raise ConversionError("a ResNet", other=[f"{key} has dtype {dtype.removeprefix('torch.')}, which cannot be converted ({type(e).__name__})"]) from None
+    if isinstance(value, (str, bytes, Mapping)) or value is None:
+        raise ConversionError("a ResNet", other=[f"{key} is a {type(value).__name__}, not a tensor"])
+    a = np.asarray(value)
+    if not (np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.bool_) or _is_float(a.dtype)):
+        raise ConversionError("a ResNet", other=[f"{key} has dtype {a.dtype}, not a numeric tensor"])
+    return a
 
 
 def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Keys without ``module.``/``_orig_mod.`` prefixes, values as numpy arrays."""
+    """Keys without ``module.``/``_orig_mod.`` prefixes, values as numpy arrays.
+
+    Raises:
+        ConversionError: with every key whose value is not a dense numeric
+            tensor (str/None/dict values, meta-device, sparse or float8
+            tensors), or a key that is not a string.
+    """
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"expected a state_dict (a mapping of key to tensor), got {type(state_dict).__name__}")
-    out = {}
+        raise ConversionError("a ResNet", other=[f"expected a state_dict (a mapping of key to tensor), got {type(state_dict).__name__}"])
+    out, problems = {}, []
     for key, value in state_dict.items():
         if not isinstance(key, str):
-            raise TypeError(f"state_dict key {key!r} is not a string")
+            problems.append(f"state_dict key {key!r} is not a string")
+            continue
         k = key
         for p in PREFIXES:
             while k.startswith(p):
                 k = k[len(p) :]
-        out[k] = _to_numpy(value)
+        try:
+            out[k] = _to_numpy(key, value)
+        except ConversionError as e:
+            problems.extend(e.other)
+    if problems:
+        raise ConversionError("a ResNet", other=problems)
     return out
+
+
+def _stage_sizes(keys) -> tuple[int, ...]:
+    return tuple(len({k.split(".")[1] for k in keys if k.startswith(f"layer{s}.") and k.count(".") >= 2}) for s in (1, 2, 3, 4))
 
 
 def infer_config(state_dict: Mapping[str, Any], arch: str | None = None, layout: str | None = None) -> ModelConfig:
     """Architecture, layout, num_classes and input channels from keys and shapes.
+
+    Tells every row of ``ARCHS`` apart: block kind and stage sizes from the
+    block keys; groups and width from ``layer1.0.conv2``; the stem from
+    ``conv1.weight`` (7x7) or ``conv1.0/.3.weight`` (deep; widths give
+    ``deep`` 32 or 64, or ``deep_tiered``); the shortcut from
+    ``downsample.2`` keys (``avg_down``) or not (``conv``).
 
     Args:
         state_dict: a torch state_dict (tensors or numpy arrays).
@@ -278,13 +299,20 @@ def infer_config(state_dict: Mapping[str, Any], arch: str | None = None, layout:
         layout: force the layout instead of inferring it.
 
     Raises:
-        ConversionError: the keys fit no known ResNet.
+        ConversionError: the keys fit no known ResNet, or a key the
+            inference reads has the wrong rank or is not a tensor.
     """
     sd = state_dict if all(isinstance(v, np.ndarray) for v in state_dict.values()) else normalize_state_dict(state_dict)
     keys = set(sd)
-    required = [k for k in ("conv1.weight", "fc.weight", "layer1.0.conv1.weight") if k not in keys]
+    deep = "conv1.0.weight" in keys
+    stem_key = "conv1.0.weight" if deep else "conv1.weight"
+    required = [k for k in (stem_key, "fc.weight", "layer1.0.conv1.weight") if k not in keys]
     if required:
         raise ConversionError("a ResNet", other=[f"not a ResNet state_dict (no {', '.join(required)})"])
+    ranks = {stem_key: 4, "fc.weight": 2, "layer1.0.conv1.weight": 4, "conv1.3.weight": 4, "layer1.0.conv2.weight": 4}
+    bad = [f"{k} has shape {tuple(sd[k].shape)}, expected a {n}-d weight" for k, n in ranks.items() if k in sd and sd[k].ndim != n]
+    if bad:
+        raise ConversionError("a ResNet", other=bad)
 
     if layout is None:
         seed = any(".identity_downsample." in k for k in keys) or "conv1.bias" in keys
@@ -294,22 +322,116 @@ def infer_config(state_dict: Mapping[str, Any], arch: str | None = None, layout:
 
     if arch is None:
         kind = "bottleneck" if "layer1.0.conv3.weight" in keys else "basic"
-        sizes = tuple(len({k.split(".")[1] for k in keys if k.startswith(f"layer{s}.")}) for s in (1, 2, 3, 4))
+        sizes = _stage_sizes(keys)
         w2 = sd.get("layer1.0.conv2.weight")
         groups = width = None
-        if kind == "bottleneck" and w2 is not None and w2.ndim == 4 and w2.shape[1]:
+        if kind == "bottleneck" and w2 is not None and w2.shape[1]:
             groups = w2.shape[0] // w2.shape[1]
             width = w2.shape[0] // groups
+        stem, stem_width = "7x7", None
+        if deep and "conv1.3.weight" in keys:
+            first, stem_width = sd["conv1.0.weight"].shape[0], sd["conv1.3.weight"].shape[0]
+            stem = "deep" if first == stem_width else "deep_tiered"
+        shortcut = "avg_down" if any(k.startswith("layer") and ".downsample.2." in k for k in keys) else "conv"
         for spec in ARCHS.values():
-            if spec.block == kind and spec.stage_sizes == sizes:
-                if kind == "basic" or (spec.groups, spec.width_per_group) == (groups, width):
-                    arch = spec.name
-                    break
+            if (spec.block, spec.stage_sizes, spec.stem, spec.shortcut) != (kind, sizes, stem, shortcut):
+                continue
+            if stem != "7x7" and spec.stem_width != stem_width:
+                continue
+            if kind == "basic" or (spec.groups, spec.width_per_group) == (groups, width):
+                arch = spec.name
+                break
         else:
             found = f"{kind} blocks, stage sizes {sizes}" + (f", groups {groups}, width/group {width}" if groups else "")
+            found += f", {stem} stem" + (f" of width {stem_width}" if stem_width else "") + f", {shortcut} shortcut"
             raise ConversionError("a ResNet", other=[f"no known architecture has {found}"])
 
-    return ModelConfig(arch, layout, int(sd["fc.weight"].shape[0]), int(sd["conv1.weight"].shape[1]))
+    return ModelConfig(arch, layout, int(sd["fc.weight"].shape[0]), int(sd[stem_key].shape[1]))
+
+
+def _check_leaves(found: Mapping[str, Any], expected: Mapping[str, tuple], target: str, ignored: Collection[str] = ()) -> None:
+    """The one key/shape/dtype validator: every problem collected into one ``ConversionError``."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected and k not in ignored]
+    mismatched = [(k, shape, tuple(np.shape(found[k]))) for k, shape in expected.items() if k in found and tuple(np.shape(found[k])) != tuple(shape)]
+    nonfloat = [
+        f"{k} has dtype {_dtype_of(found[k])}, expected floating point"
+        for k in expected
+        if k in found and not _is_float(_dtype_of(found[k]))
+    ]
+    if missing or unexpected or mismatched or nonfloat:
+        raise ConversionError(target, missing, unexpected, mismatched, nonfloat)
+
+
+def _dtype_of(a: Any):
+    return a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype
+
+
+def check_state_dict(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig, target: str | None = None) -> None:
+    """Checks a (normalized) torch state_dict against ``cfg``: keys, shapes, floating dtypes.
+
+    ``num_batches_tracked`` keys are accepted (torch-only state).
+
+    Raises:
+        ConversionError: with every missing, unexpected, mis-shaped and
+            non-floating key at once.
+    """
+    mapping = leaves(cfg)
+    ignored = {f"{p}.{i}" for p in bn_prefixes(cfg) for i in IGNORED_BN_LEAVES}
+    _check_leaves(state_dict, {leaf.torch_key: leaf.torch_shape for leaf in mapping}, target or f"{cfg.arch} ({cfg.layout} layout)", ignored)
+
+
+def check_variables(variables: Mapping[str, Any], cfg: ModelConfig, target: str | None = None) -> None:
+    """Checks Flax variables (``params``/``batch_stats``, unrolled) against ``cfg``.
+
+    Every leaf of the model must be present, known, rightly shaped and
+    floating. ``cfg.layout == "seed"`` expects conv biases.
+
+    Raises:
+        ConversionError: with every missing, unexpected, mis-shaped and
+            non-floating leaf (``params/layer1/0/conv1/kernel``) at once.
+    """
+    try:
+        mapping = leaves(cfg)
+    except ValueError as e:
+        raise ConversionError(target or "Flax variables", other=[str(e)]) from None
+    expected = {"/".join((leaf.collection, *leaf.flax_path)): leaf.flax_shape for leaf in mapping}
+    found = {"/".join((c, *k)): v for c in ("params", "batch_stats") for k, v in _flatten(variables.get(c, {})).items()}
+    _check_leaves(found, expected, target or f"{cfg.arch} ({cfg.layout} layout) Flax variables")
+
+
+def nonfinite(arrays: Mapping[str, Any]) -> list[tuple[str, int, int, int]]:
+    """``(key, n_nan, n_inf, size)`` of every floating array with NaN or Inf values."""
+    bad = []
+    for key, a in arrays.items():
+        a = np.asarray(a)
+        if _is_float(a.dtype) and a.size:
+            finite = np.isfinite(a)
+            if not finite.all():
+                n_nan = int(np.isnan(a).sum())
+                bad.append((key, n_nan, int(a.size - finite.sum()) - n_nan, int(a.size)))
+    return bad
+
+
+def check_finite(arrays: Mapping[str, Any], where: str, error: type[Exception] | None = None) -> None:
+    """The one rule for NaN/Inf weights: refuse them, naming the first tensor.
+
+    Raises:
+        ConversionError (or ``error``): some floating array holds NaN or Inf.
+    """
+    bad = nonfinite(arrays)
+    if bad:
+        key, n_nan, n_inf, size = bad[0]
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        msg = f"non-finite values in {key} ({n_nan} NaN, {n_inf} Inf of {size}){more}; refusing it (use allow_nonfinite / --allow-nonfinite to accept)"
+        if error is not None:
+            raise error(f"{where}: {msg}")
+        raise ConversionError(where, other=[msg])
+
+
+def _check_float_dtype(dtype: Any) -> None:
+    if dtype is not None and not _is_float(np.dtype(dtype)):
+        raise ConversionError("Flax variables", other=[f"dtype {np.dtype(dtype).name} is not a floating dtype (weights would be truncated)"])
 
 
 def torch_to_flax(
@@ -326,38 +448,25 @@ def torch_to_flax(
             arrays; ``module.`` prefixes are stripped.
         arch: architecture name; inferred from keys and shapes if omitted.
         layout: ``"torchvision"`` or ``"seed"``; inferred if omitted.
-        dtype: cast floating leaves to this dtype; ``None`` keeps the source
-            dtype (a float64 state_dict gives float64 variables).
+        dtype: cast floating leaves to this (floating) dtype; ``None`` keeps
+            the source dtype (a float64 state_dict gives float64 variables).
         scan_blocks: return the stacked tree of ``ResNet(scan_blocks=True)``
             (see ``stack_blocks``).
 
     Returns:
-        ``{"params": ..., "batch_stats": ...}`` of numpy arrays, ready for
-        ``model.apply`` (``jax.device_put`` them to place them once).
+        ``{"params": ..., "batch_stats": ...}`` of numpy arrays that own
+        their memory (changing the source afterwards changes nothing here),
+        ready for ``model.apply``.
 
     Raises:
-        ConversionError: with every missing key, unexpected key and shape
-            mismatch at once.
+        ConversionError: with every missing key, unexpected key, shape
+            mismatch and bad value at once; or a non-floating ``dtype``.
     """
+    _check_float_dtype(dtype)
     sd = normalize_state_dict(state_dict)
     cfg = infer_config(sd, arch, layout)
+    check_state_dict(sd, cfg)
     mapping = leaves(cfg)
-    known = {leaf.torch_key for leaf in mapping} | {f"{p}.{i}" for p in bn_prefixes(cfg) for i in IGNORED_BN_LEAVES}
-    missing = [leaf.torch_key for leaf in mapping if leaf.torch_key not in sd]
-    unexpected = [k for k in sd if k not in known]
-    mismatched = [
-        (leaf.torch_key, leaf.torch_shape, sd[leaf.torch_key].shape)
-        for leaf in mapping
-        if leaf.torch_key in sd and tuple(sd[leaf.torch_key].shape) != leaf.torch_shape
-    ]
-    nonfloat = [
-        f"{leaf.torch_key} has dtype {sd[leaf.torch_key].dtype}, expected floating point"
-        for leaf in mapping
-        if leaf.torch_key in sd and not _is_float(sd[leaf.torch_key].dtype)
-    ]
-    if missing or unexpected or mismatched or nonfloat:
-        raise ConversionError(f"{cfg.arch} ({cfg.layout} layout)", missing, unexpected, mismatched, nonfloat)
-
     values = _materialize([(lambda leaf=leaf: _to_flax_copy(leaf, sd[leaf.torch_key], dtype), sd[leaf.torch_key].nbytes) for leaf in mapping])
     variables: dict[str, dict] = {}
     for leaf, value in zip(mapping, values):
@@ -378,6 +487,7 @@ def from_torch(
     layout: str | None = None,
     param_dtype: Any = None,
     scan_blocks: bool = False,
+    allow_nonfinite: bool = False,
     **model_kwargs: Any,
 ):
     """Builds the Flax model that matches a state_dict, and its variables.
@@ -386,20 +496,29 @@ def from_torch(
         state_dict: a torch ResNet state_dict (see ``torch_to_flax``).
         arch: force the architecture (else inferred).
         layout: force the layout (else inferred).
-        param_dtype: cast the variables to this dtype (else the source's).
+        param_dtype: cast the variables to this floating dtype (else the source's).
         scan_blocks: build ``ResNet(scan_blocks=True)`` and return its
             stacked variables.
+        allow_nonfinite: accept NaN/Inf weights (refused by default, as
+            ``load`` and ``flax-resnet convert`` refuse them).
         **model_kwargs: more ``ResNet`` attributes (``dtype``, ``precision``,
             ``stride_in_1x1``, ``axis_name``, ``remat``, ...).
 
     Returns:
-        ``(model, variables)``.
+        ``(model, variables)``; the variables own their memory.
+
+    Raises:
+        ConversionError: the state_dict does not fit (every problem at once),
+            holds NaN/Inf, or ``param_dtype`` is not floating.
     """
     from flax_resnet.model import ResNet
 
+    _check_float_dtype(param_dtype)
     sd = normalize_state_dict(state_dict)
     cfg = infer_config(sd, arch, layout)
     variables = torch_to_flax(sd, cfg.arch, cfg.layout, dtype=param_dtype, scan_blocks=scan_blocks)
+    if not allow_nonfinite:
+        check_finite({leaf.torch_key: sd[leaf.torch_key] for leaf in leaves(cfg)}, "Flax variables")
     kwargs = dict(param_dtype=param_dtype) if param_dtype is not None else {}
     kwargs.update(model_kwargs)
     model = ResNet(arch=cfg.arch, num_classes=cfg.num_classes, conv_bias=cfg.conv_bias, scan_blocks=scan_blocks, **kwargs)
@@ -420,30 +539,30 @@ def _flatten(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
     return out
 
 
+_FLAX_TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
 def infer_flax_config(variables: Mapping[str, Any], layout: str = "torchvision") -> tuple[ModelConfig, bool]:
-    """``(config, has_conv_bias)`` of Flax ResNet variables (unrolled or stacked), from their tree."""
+    """``(config, has_conv_bias)`` of Flax ResNet variables (unrolled or stacked), from their tree.
+
+    The tree is read as the torch keys and shapes it maps to, then
+    ``infer_config`` decides; ``layout`` is the caller's choice.
+    """
     if isinstance(variables, Mapping) and is_stacked(variables):
         variables = unstack_blocks(variables)
     params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
-    try:
-        as_torch = {
-            "conv1.weight": np.empty(np.shape(params["conv1"]["kernel"])[::-1]),
-            "fc.weight": np.empty(np.shape(params["fc"]["kernel"])[::-1]),
-            "layer1.0.conv1.weight": np.empty(0),
-        }
-    except (KeyError, TypeError):
-        raise ConversionError("torch", other=["not Flax ResNet variables (need params/conv1/kernel and params/fc/kernel)"]) from None
-    for s in (1, 2, 3, 4):
-        for i in params.get(f"layer{s}", {}):
-            as_torch[f"layer{s}.{i}.x"] = np.empty(0)
-    block0 = params.get("layer1", {}).get("0", {})
-    if "conv3" in block0:
-        as_torch["layer1.0.conv3.weight"] = np.empty(0)
-        k = np.shape(block0["conv2"]["kernel"])  # HWIO
-        as_torch["layer1.0.conv2.weight"] = np.empty((k[3], k[2], k[0], k[1]))
-    # The layout is the caller's choice on the way out; arch comes from the tree.
+    if not isinstance(params, Mapping) or not isinstance(params.get("fc"), Mapping) or "conv1" not in params:
+        raise ConversionError("torch", other=["not Flax ResNet variables (need params/conv1 and params/fc/kernel)"])
+    as_torch = {}
+    for path, v in _flatten(params).items():
+        shape = tuple(np.shape(v))
+        if path[-1] == "kernel":
+            shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+        as_torch[".".join((*path[:-1], _FLAX_TO_TORCH_LEAF.get(path[-1], path[-1])))] = np.empty(shape, np.bool_)
     cfg = infer_config(as_torch, layout="torchvision")
-    return ModelConfig(cfg.arch, layout, cfg.num_classes, cfg.in_channels), "bias" in params["conv1"]
+    stem = params["conv1"]
+    has_bias = isinstance(stem, Mapping) and "bias" in stem
+    return ModelConfig(cfg.arch, layout, cfg.num_classes, cfg.in_channels), has_bias
 
 
 def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
@@ -464,8 +583,9 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
             (torch-only state; Flax does not keep it).
 
     Returns:
-        A state_dict (numpy arrays) that loads with ``strict=True`` into
-        ``torch_ref.ResNet(arch, layout=layout)`` and into torchvision/timm.
+        A state_dict (numpy arrays that own their memory) that loads with
+        ``strict=True`` into ``torch_ref.ResNet(arch, layout=layout)`` and
+        into torchvision/timm.
 
     Raises:
         ConversionError: with every missing, unexpected or mis-shaped leaf.
@@ -473,20 +593,9 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
     if isinstance(variables, Mapping) and is_stacked(variables):
         variables = unstack_blocks(variables)
     cfg, has_bias = infer_flax_config(variables, layout)
-    flat = {(c, *p): v for c in ("params", "batch_stats") for p, v in _flatten(variables.get(c, {})).items()}
     src_cfg = ModelConfig(cfg.arch, "seed" if has_bias else "torchvision", cfg.num_classes, cfg.in_channels)
-    src_mapping = leaves(src_cfg)
-    expected = {(leaf.collection, *leaf.flax_path): leaf for leaf in src_mapping}
-    missing = ["/".join(k) for k in expected if k not in flat]
-    unexpected = ["/".join(k) for k in flat if k not in expected]
-    mismatched = []
-    for k, leaf in expected.items():
-        if k in flat:
-            want = tuple(leaf.transform.to_flax(np.empty(leaf.torch_shape, np.bool_)).shape)
-            if tuple(np.shape(flat[k])) != want:
-                mismatched.append(("/".join(k), want, np.shape(flat[k])))
-    if missing or unexpected or mismatched:
-        raise ConversionError(f"torch {cfg.arch} (from Flax variables)", missing, unexpected, mismatched)
+    check_variables(variables, src_cfg, f"torch {cfg.arch} (from Flax variables)")
+    flat = {(c, *p): v for c in ("params", "batch_stats") for p, v in _flatten(variables.get(c, {})).items()}
 
     out: dict[str, np.ndarray] = {}
     mapping = leaves(cfg)

@@ -14,62 +14,26 @@ Works on the unrolled tree and on the stacked one of
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import numpy as np
+from flax import traverse_util
 
-from flax_resnet.convert import ConversionError
+from flax_resnet import archs
+from flax_resnet.archs import get_arch
+from flax_resnet.convert import ConversionError, infer_flax_config, is_stacked, stack_blocks, unstack_blocks
+from flax_resnet.model import ResNet
 
-__all__ = ["fold_batchnorm", "fold", "predict_fn", "fast_eval_model", "FAST_COMPILE_OPTIONS"]
-
-
-def _bn_name(conv_name: str, siblings: Mapping[str, Any]) -> str | None:
-    """The BatchNorm that follows conv ``conv_name`` among its siblings (torch's names)."""
-    if conv_name.startswith("conv") and conv_name[4:].isdigit():
-        bn = "bn" + conv_name[4:]
-    elif conv_name == "0" and "1" in siblings:  # downsample: 0 = conv, 1 = BN
-        bn = "1"
-    else:
-        return None
-    node = siblings.get(bn)
-    return bn if isinstance(node, Mapping) and "scale" in node else None
-
-
-def _fold_tree(params: Mapping[str, Any], stats: Mapping[str, Any], eps: float, path: tuple, problems: list) -> dict:
-    out: dict[str, Any] = {}
-    folded_bns = set()
-    for name, node in params.items():
-        if not isinstance(node, Mapping) or "kernel" not in node or np.ndim(node["kernel"]) < 4:
-            continue
-        bn = _bn_name(name, params)
-        if bn is None:
-            continue
-        st = stats.get(bn)
-        if not isinstance(st, Mapping) or "mean" not in st or "var" not in st:
-            problems.append(f"batch_stats/{'/'.join((*path, bn))} missing (mean and var are needed to fold)")
-            continue
-        kernel = np.asarray(node["kernel"])
-        f64 = np.float64
-        alpha = np.asarray(params[bn]["scale"], f64) / np.sqrt(np.asarray(st["var"], f64) + eps)
-        b = np.asarray(node["bias"], f64) if "bias" in node else 0.0
-        bias = (b - np.asarray(st["mean"], f64)) * alpha + np.asarray(params[bn]["bias"], f64)
-        # alpha (..., C) against a kernel (..., kh, kw, in, C): insert the three conv axes.
-        a = alpha.reshape(alpha.shape[:-1] + (1, 1, 1) + alpha.shape[-1:])
-        out[name] = {"kernel": (kernel.astype(f64) * a).astype(kernel.dtype), "bias": bias.astype(kernel.dtype)}
-        folded_bns.add(bn)
-    for name, node in params.items():
-        if name in out or name in folded_bns:
-            continue
-        if isinstance(node, Mapping):
-            sub = stats.get(name, {}) if isinstance(stats, Mapping) else {}
-            out[name] = _fold_tree(node, sub if isinstance(sub, Mapping) else {}, eps, (*path, name), problems)
-        else:
-            out[name] = node
-    return out
+__all__ = ["fold_batchnorm", "fold", "FoldedResNet", "predict_fn", "fast_eval_model", "FAST_COMPILE_OPTIONS"]
 
 
 def fold_batchnorm(variables: Mapping[str, Any], eps: float = 1e-5) -> dict[str, Any]:
-    """Variables of ``ResNet(fold_bn=True)``: every BatchNorm folded into its conv.
+    """Variables of the folded model (``fold``): every BatchNorm folded into its conv.
+
+    The pairs come from ``archs.conv_bn_pairs`` (the one conv -> BN pairing).
 
     Args:
         variables: ``{"params": ..., "batch_stats": ...}`` of a ResNet
@@ -77,24 +41,63 @@ def fold_batchnorm(variables: Mapping[str, Any], eps: float = 1e-5) -> dict[str,
         eps: the BatchNorms' epsilon (``ResNet.bn_eps``, torch's 1e-5).
 
     Returns:
-        ``{"params": ...}`` (numpy arrays): each conv with ``kernel`` and
-        ``bias``, no BatchNorm parameters and no ``batch_stats``.
+        ``{"params": ...}`` (numpy arrays; stacked if the input was): each
+        conv with ``kernel`` and ``bias``, no BatchNorm parameters and no
+        ``batch_stats``.
 
     Raises:
         ConversionError: a BatchNorm lacks its running statistics.
     """
     if "batch_stats" not in variables:
         raise ConversionError("folded Flax variables", other=["no batch_stats: the running statistics are needed to fold"])
-    problems: list[str] = []
-    params = _fold_tree(variables["params"], variables["batch_stats"], eps, (), problems)
+    stacked = is_stacked(variables)
+    if stacked:
+        variables = unstack_blocks(variables)
+    cfg, _ = infer_flax_config(variables)
+    params = traverse_util.flatten_dict(variables["params"])
+    stats = traverse_util.flatten_dict(variables["batch_stats"])
+    problems, f64 = [], np.float64
+    for conv, bn in archs.conv_bn_pairs(get_arch(cfg.arch)):
+        c, b = conv.flax, bn.flax
+        if (*b, "mean") not in stats or (*b, "var") not in stats:
+            problems.append(f"batch_stats/{'/'.join(b)} missing (mean and var are needed to fold)")
+            continue
+        kernel = np.asarray(params[(*c, "kernel")])
+        alpha = np.asarray(params.pop((*b, "scale")), f64) / np.sqrt(np.asarray(stats[(*b, "var")], f64) + eps)
+        bias = (np.asarray(params.get((*c, "bias"), 0.0), f64) - np.asarray(stats[(*b, "mean")], f64)) * alpha
+        params[(*c, "kernel")] = (kernel.astype(f64) * alpha).astype(kernel.dtype)  # alpha scales the output (last) axis
+        params[(*c, "bias")] = (bias + np.asarray(params.pop((*b, "bias")), f64)).astype(kernel.dtype)
     if problems:
         raise ConversionError("folded Flax variables", other=problems)
-    return {"params": params}
+    folded = {"params": traverse_util.unflatten_dict(params)}
+    return stack_blocks(folded) if stacked else folded
 
 
-def fold(model, variables: Mapping[str, Any]):
-    """``(model.clone(fold_bn=True), fold_batchnorm(variables))``: a faster eval-only model."""
-    return model.clone(fold_bn=True), fold_batchnorm(variables, eps=model.bn_eps)
+class _FoldedBN(nn.Module):
+    """The BatchNorm after folding: its affine map lives in the conv before it."""
+
+    scale_init: Any = None
+
+    def __call__(self, x, train: bool = False):
+        if train:
+            raise ValueError("a folded model (inference.fold) is for inference only (train=False)")
+        return x
+
+
+class FoldedResNet(ResNet):
+    """``ResNet`` whose BatchNorms are folded into its convs (eval only; see ``fold``)."""
+
+    def conv_def(self):
+        return functools.partial(super().conv_def(), use_bias=True)
+
+    def norm_def(self):
+        return _FoldedBN
+
+
+def fold(model: ResNet, variables: Mapping[str, Any]) -> tuple[FoldedResNet, dict[str, Any]]:
+    """``(FoldedResNet, fold_batchnorm(variables))``: a faster eval-only equivalent of ``(model, variables)``."""
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(ResNet) if f.init and f.name not in ("parent", "name")}
+    return FoldedResNet(**fields), fold_batchnorm(variables, eps=model.bn_eps)
 
 
 # XLA CPU options: the legacy (non-MLIR) fusion emitters. They halved the
@@ -108,12 +111,13 @@ FAST_COMPILE_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
 
 
 def fast_eval_model(model, variables: Mapping[str, Any]):
-    """The fastest eval-mode equivalent of ``(model, variables)`` on CPU.
+    """The fastest eval-mode equivalent of ``(model, variables)``.
 
-    BatchNorm folded into the convs (``fold``) and 1x1 convs run as matrix
-    products (``conv_as_dot``); the logits agree with ``model`` to rounding.
+    BatchNorm folded into the convs (``fold``); the logits agree with
+    ``model`` to rounding. (The CPU conv kernels, e.g. 1x1 convs as matrix
+    products, are every model's default: ``flax_resnet.kernels``.)
     """
-    return fold(model.clone(conv_as_dot=True), variables)
+    return fold(model, variables)
 
 
 def predict_fn(model, chunk: int | None = None, method: str | None = None, compiler_options: Mapping[str, Any] | None = None) -> Callable:

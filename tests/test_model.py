@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flax_resnet
-from flax_resnet import ARCHS, TORCHVISION_PARAM_COUNTS, BatchNorm
+from flax_resnet import ARCHS, PARAM_COUNTS, BatchNorm
 
 
 def _count(tree):
@@ -18,7 +18,7 @@ def _count(tree):
 def test_flax_parameter_count(arch):
     model = flax_resnet.ResNet(arch=arch)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-    assert _count(shapes["params"]) == TORCHVISION_PARAM_COUNTS[arch]
+    assert _count(shapes["params"]) == PARAM_COUNTS[arch]
 
 
 @pytest.mark.parametrize("n", [2, 5])

@@ -5,7 +5,7 @@ import torch
 
 import seed_oracle
 import torch_ref
-from flax_resnet import ARCHS, TORCHVISION_PARAM_COUNTS
+from flax_resnet import ARCHS, PARAM_COUNTS
 from parity.fixtures import images, randomize_and_calibrate
 
 SEED_DEPTHS = ["resnet50", "resnet101", "resnet152"]
@@ -17,8 +17,10 @@ def n_params(model):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_torchvision_layout_parameter_count(arch):
-    model = torch_ref.ResNet(arch, layout="torchvision")
-    assert n_params(model) == TORCHVISION_PARAM_COUNTS[arch]
+    """torchvision's and timm's published counts (1000 classes, 3 channels)."""
+    with torch.device("meta"):  # shapes only: no memory, no init
+        model = torch_ref.ResNet(arch, layout="torchvision")
+    assert n_params(model) == PARAM_COUNTS[arch]
 
 
 @pytest.mark.parametrize("arch", SEED_DEPTHS)
@@ -38,7 +40,7 @@ def test_seed_state_dict_loads_strictly_and_gives_bit_identical_outputs(arch, im
     torch.manual_seed(0)
     seed = getattr(seed_oracle, arch)(img_channels=img_channels, num_classes=num_classes)
     randomize_and_calibrate(seed, in_channels=img_channels, size=32, batches=2, batch_size=4)
-    ours = getattr(torch_ref, arch)(img_channels=img_channels, num_classes=num_classes)
+    ours = getattr(torch_ref, arch)(img_channels=img_channels, num_classes=num_classes, layout="seed")
     ours.load_state_dict(seed.state_dict(), strict=True)
     ours.eval()
     x = images(2, img_channels, 45, 61)

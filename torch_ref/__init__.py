@@ -1,15 +1,14 @@
-"""PyTorch reference ResNets (seed and torchvision state_dict layouts)."""
+"""PyTorch reference ResNets (torchvision/timm and seed state_dict layouts).
 
-from torch_ref.resnet import (
-    ResNet,
-    resnet18,
-    resnet34,
-    resnet50,
-    resnet101,
-    resnet152,
-    resnext50_32x4d,
-    resnext101_32x8d,
-    resnext101_64x4d,
-    wide_resnet50_2,
-    wide_resnet101_2,
-)
+One factory per row of ``flax_resnet.ARCHS`` (``torch_ref.resnet50()``,
+``torch_ref.resnet50d()``, ...); every factory defaults to the torchvision
+key layout, the seed layout is ``layout="seed"``. Imports torch and
+``flax_resnet.archs`` only (no jax).
+"""
+
+from torch_ref import resnet as _resnet
+from torch_ref.resnet import FACTORIES, Block, ResNet
+
+globals().update({name: getattr(_resnet, name) for name in FACTORIES})
+
+__all__ = ["Block", "ResNet", *FACTORIES]

@@ -2,11 +2,15 @@
 
 Two state_dict layouts of the same network:
 
+* ``"torchvision"`` (the default): bias-free convs and ``downsample``, key
+  for key torchvision's and timm's ResNets (timm's deep stems ``conv1.0`` ..
+  ``conv1.6`` and avg-pool shortcuts ``downsample.1``/``.2`` included), so
+  their checkpoints load strictly.
 * ``"seed"``: the bottleneck ResNet-50/101/152 of the seed blog code. Every
   conv has a bias (``nn.Conv2d``'s default) and the shortcut projection is
   called ``identity_downsample``.
-* ``"torchvision"``: bias-free convs and ``downsample``, key for key
-  torchvision's (and timm's) ResNets, so their checkpoints load strictly.
+
+Only ``flax_resnet.archs`` is imported from the Flax side (no jax).
 """
 
 from __future__ import annotations
@@ -14,13 +18,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flax_resnet.archs import STEM_CHANNELS, BlockSpec, ConvSpec, blocks, check_layout, get_arch
-
-SHORTCUT_NAME = {"seed": "identity_downsample", "torchvision": "downsample"}
+from flax_resnet.archs import SHORTCUT_NAME, BlockSpec, ConvSpec, blocks, check_layout, get_arch, stem_convs
 
 
 def _conv(c: ConvSpec, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(c.in_ch, c.out_ch, c.kernel, stride=c.stride, padding=c.padding, groups=c.groups, bias=bias)
+
+
+def _shortcut(spec: BlockSpec, bias: bool) -> nn.Sequential:
+    conv, bn = _conv(spec.downsample, bias), nn.BatchNorm2d(spec.downsample.out_ch)
+    if spec.shortcut == "conv":
+        return nn.Sequential(conv, bn)
+    # timm's downsample_avg: pool (identity at stride 1), then the 1x1 conv and BN.
+    pool = nn.AvgPool2d(2, spec.stride, ceil_mode=True, count_include_pad=False) if spec.stride > 1 else nn.Identity()
+    return nn.Sequential(pool, conv, bn)
 
 
 class Block(nn.Module):
@@ -35,10 +46,7 @@ class Block(nn.Module):
             self.add_module(f"bn{i}", nn.BatchNorm2d(c.out_ch))
         self.relu = nn.ReLU()
         self.shortcut_name = SHORTCUT_NAME[layout]
-        shortcut = None
-        if spec.downsample is not None:
-            shortcut = nn.Sequential(_conv(spec.downsample, bias), nn.BatchNorm2d(spec.downsample.out_ch))
-        self.add_module(self.shortcut_name, shortcut)
+        self.add_module(self.shortcut_name, _shortcut(spec, bias) if spec.downsample is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x
@@ -56,7 +64,7 @@ class ResNet(nn.Module):
     """A ResNet of ``flax_resnet.ARCHS`` in either state_dict layout.
 
     Args:
-        arch: architecture name, e.g. ``"resnet50"``.
+        arch: architecture name, e.g. ``"resnet50"`` or ``"resnet50d"``.
         img_channels: input channels.
         num_classes: outputs of ``fc``.
         layout: ``"torchvision"`` or ``"seed"`` (ResNet-50/101/152 only).
@@ -75,8 +83,18 @@ class ResNet(nn.Module):
         spec = get_arch(arch)
         check_layout(spec, layout)
         self.arch, self.layout, self.stride_in_1x1 = spec.name, layout, stride_in_1x1
-        self.conv1 = _conv(ConvSpec(img_channels, STEM_CHANNELS, 7, 2, 3), bias=layout == "seed")
-        self.bn1 = nn.BatchNorm2d(STEM_CHANNELS)
+        bias = layout == "seed"
+        stem = stem_convs(spec, img_channels)
+        if spec.stem == "7x7":
+            self.conv1 = _conv(stem[0], bias)
+        else:  # timm's deep stem: conv, bn, relu, conv, bn, relu, conv (then bn1)
+            mods = []
+            for i, c in enumerate(stem):
+                mods.append(_conv(c, bias))
+                if i < len(stem) - 1:
+                    mods += [nn.BatchNorm2d(c.out_ch), nn.ReLU()]
+            self.conv1 = nn.Sequential(*mods)
+        self.bn1 = nn.BatchNorm2d(spec.stem_channels)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         all_blocks = list(blocks(spec, stride_in_1x1))
@@ -86,7 +104,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(spec.num_features, num_classes)
         if layout == "torchvision":
-            # torchvision's init; the seed keeps PyTorch's defaults.
+            # torchvision's (and timm's) init; the seed keeps PyTorch's defaults.
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -112,21 +130,23 @@ class ResNet(nn.Module):
 
 
 def _factory(name: str):
-    def make(img_channels: int = 3, num_classes: int = 1000, layout: str = "seed" if get_arch(name).has_seed_layout else "torchvision", **kwargs) -> ResNet:
+    def make(img_channels: int = 3, num_classes: int = 1000, layout: str = "torchvision", **kwargs) -> ResNet:
         return ResNet(name, img_channels=img_channels, num_classes=num_classes, layout=layout, **kwargs)
 
     make.__name__ = make.__qualname__ = name
-    make.__doc__ = f"PyTorch reference {name}; see ``ResNet`` for the arguments."
+    make.__doc__ = (
+        f"PyTorch reference {name} (layout ``\"torchvision\"`` by default; ``layout=\"seed\"`` for the seed code's keys); "
+        "see ``ResNet`` for the arguments."
+    )
     return make
 
 
-resnet18 = _factory("resnet18")
-resnet34 = _factory("resnet34")
-resnet50 = _factory("resnet50")
-resnet101 = _factory("resnet101")
-resnet152 = _factory("resnet152")
-wide_resnet50_2 = _factory("wide_resnet50_2")
-wide_resnet101_2 = _factory("wide_resnet101_2")
-resnext50_32x4d = _factory("resnext50_32x4d")
-resnext101_32x8d = _factory("resnext101_32x8d")
-resnext101_64x4d = _factory("resnext101_64x4d")
+def _export_factories() -> list[str]:
+    from flax_resnet.archs import ARCHS
+
+    for name in ARCHS:
+        globals()[name] = _factory(name)
+    return list(ARCHS)
+
+
+FACTORIES = _export_factories()
