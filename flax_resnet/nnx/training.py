@@ -1,0 +1,192 @@
+"""Training NNX ResNets: ``nnx.Optimizer`` with the library's recipe, a jitted step, data parallelism.
+
+::
+
+    model = flax_resnet.nnx.resnet50(num_classes=10, rngs=nnx.Rngs(0))   # train mode
+    optimizer = create_optimizer(model, make_optimizer(batch_size=128, steps_per_epoch=11, epochs=30))
+    metrics = train_step(model, optimizer, images, labels)   # updates params and BN stats in place
+    model.eval(); sums = eval_step(model, images, labels)
+
+The optimizer recipe (``flax_resnet.training.make_optimizer``, exactly
+``torch.optim.SGD``), the loss (``cross_entropy``) and the data-parallel
+placement (``make_mesh``, ``shard_batch``) are the Linen ones; only the
+state handling differs: NNX modules and optimizers are updated in place.
+The step runs the model in its current mode: ``model.train()`` (batch
+statistics, running stats updated as torch does) or ``model.eval()``
+(running statistics kept: linear probing with a frozen backbone).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from flax_resnet.training import cross_entropy, make_optimizer, shard_batch
+from flax_resnet.training import replicate as _replicate_tree
+
+__all__ = [
+    "create_optimizer",
+    "make_optimizer",
+    "train_step_fn",
+    "train_step",
+    "eval_step",
+    "replicate",
+    "train_epoch",
+    "evaluate",
+]
+
+
+def create_optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nnx.Optimizer:
+    """``nnx.Optimizer(model, tx, wrt=nnx.Param)``: BatchNorm statistics are not optimized."""
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def train_step_fn(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+    """One step, not jitted: mean cross-entropy, gradients of the params, one optimizer update.
+
+    ``model`` and ``optimizer`` are updated in place (params, optimizer state,
+    and in train mode the BatchNorm running statistics). Returns
+    ``{"loss", "accuracy"}`` in at least float32.
+    """
+
+    def loss_fn(m):
+        logits = m(images)
+        return cross_entropy(logits, labels, label_smoothing).mean(), logits
+
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(loss.dtype))
+    return {"loss": loss, "accuracy": accuracy}
+
+
+_train_step = nnx.jit(train_step_fn, static_argnums=(4,))
+
+
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+    """``train_step_fn`` under ``nnx.jit`` (compiled once per model structure, mode and batch shape).
+
+    With a replicated model and optimizer (``replicate``) and a sharded
+    batch (``shard_batch``) this is the data-parallel step: BatchNorm's mean
+    over the sharded batch axis is the global-batch mean, and the gradient
+    mean an all-reduce, as for the Linen step.
+    """
+    return _train_step(model, optimizer, images, labels, float(label_smoothing))
+
+
+@nnx.jit
+def eval_step(model: nnx.Module, images: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Sums over a batch in the model's current mode (``model.eval()`` first): ``{"loss", "correct", "count"}``.
+
+    ``mask`` (1 for real examples, 0 for padding) lets a short last batch be
+    padded to the compiled shape.
+    """
+    logits = model(images)
+    loss = cross_entropy(logits, labels)
+    mask = jnp.ones(labels.shape, loss.dtype) if mask is None else mask.astype(loss.dtype)
+    correct = (jnp.argmax(logits, -1) == labels).astype(loss.dtype)
+    return {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+
+def replicate(node: Any, mesh: Mesh) -> Any:
+    """Places every array of an NNX model or optimizer on all devices of ``mesh``, in place.
+
+    ``flax_resnet.training.replicate`` of ``nnx.state(node)`` (each host
+    places its own copy in a multi-host run). Returns ``node``.
+    """
+    nnx.update(node, _replicate_tree(nnx.state(node), mesh))
+    return node
+
+
+def train_epoch(
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    epoch: int,
+    seed: int = 0,
+    max_shift: int = 0,
+    label_smoothing: float = 0.0,
+    mesh: Mesh | None = None,
+    progress: Callable[[int, dict], None] | None = None,
+) -> dict[str, float]:
+    """One pass over the training set in ``(seed, epoch)`` order (``flax_resnet.data.batches``), in place.
+
+    The same batches as the Linen ``train_epoch``. Returns ``{"train_loss",
+    "train_accuracy", "images_per_sec", "steps", "seconds"}``;
+    ``images_per_sec`` leaves out the first step (which carries compilation).
+    """
+    from flax_resnet.data import batches
+
+    step = nnx.cached_partial(_train_step, model, optimizer)
+    losses, accs = [], []
+    t_first = t0 = time.perf_counter()
+    steps = 0
+    for x, y in batches(images, labels, batch_size, seed=seed, epoch=epoch, max_shift=max_shift):
+        x, y = shard_batch(mesh, x, y)
+        m = step(x, y, float(label_smoothing))
+        steps += 1
+        losses.append(m["loss"])
+        accs.append(m["accuracy"])
+        if steps == 1:
+            jax.block_until_ready(m["loss"])
+            t_first = time.perf_counter()
+        if progress is not None:
+            progress(steps, m)
+    if steps == 0:
+        raise ValueError(f"batch size {batch_size} is larger than the {len(labels)} training images")
+    jax.block_until_ready(nnx.state(model))
+    t_end = time.perf_counter()
+    timed_steps, timed_s = (steps - 1, t_end - t_first) if steps > 1 else (1, t_end - t0)
+    return {
+        "train_loss": float(np.mean(jax.device_get(losses))),
+        "train_accuracy": float(np.mean(jax.device_get(accs))),
+        "images_per_sec": timed_steps * batch_size / max(timed_s, 1e-9),
+        "steps": steps,
+        "seconds": t_end - t0,
+    }
+
+
+def evaluate(model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_size: int, mesh: Mesh | None = None) -> dict[str, float]:
+    """Eval-mode loss and accuracy over all of ``images`` (last batch padded and masked).
+
+    Runs ``model.eval()`` for the pass and restores train mode afterwards
+    if the model was training.
+    """
+    was_training = not _in_eval_mode(model)
+    model.eval()
+    try:
+        n = len(labels)
+        if mesh is not None:
+            batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+        sums = []
+        for start in range(0, n, batch_size):
+            x, y = images[start : start + batch_size], labels[start : start + batch_size]
+            k = len(y)
+            mask = np.zeros(batch_size, np.float32)
+            mask[:k] = 1
+            if k < batch_size:
+                x = np.concatenate([x, np.zeros((batch_size - k,) + x.shape[1:], x.dtype)])
+                y = np.concatenate([y, np.zeros(batch_size - k, y.dtype)])
+            sums.append(eval_step(model, *shard_batch(mesh, x, y, mask)))
+    finally:
+        if was_training:
+            model.train()
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for s in jax.device_get(sums):
+        for key in totals:
+            totals[key] += float(s[key])
+    count = max(totals["count"], 1.0)
+    return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count, "count": int(totals["count"])}
+
+
+def _in_eval_mode(model: nnx.Module) -> bool:
+    return all(getattr(m, "use_running_average", True) for _, m in nnx.iter_modules(model))
