@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, OSError, ValueError) as e:  # OSError: missing, unreadable, unwritable, disk full
         msg = " ".join(str(e).split())
         print(f"flax-resnet {args.command}: error: {msg}", file=sys.stderr)
+        if argv is None:  # the real command line: the error line is the last word (see _silence_stderr)
+            _silence_stderr()
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT; writers leave nothing behind
+        print(f"flax-resnet {args.command}: interrupted", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT; writers leave nothing behind
         print(f"flax-resnet {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -71,6 +76,19 @@ def main(argv: list[str] | None = None) -> int:
             msg = " ".join(str(e).split())
         print(f"flax-resnet {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+def _silence_stderr() -> None:
+    """Sends the rest of this process's stderr to /dev/null.
+
+    After a failed Orbax restore, tensorstore's threads still finish their
+    reads and print "Event loop is closed" tracebacks at exit, below the
+    one error line that says what went wrong.
+    """
+    import os
+
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,8 @@ output format (from DST's suffix):
                      flattened Flax keys instead (params/layer1/0/conv1/kernel)
   X.npz              like .safetensors, as numpy's .npz
   X.pth / .pt / .bin a torch state_dict (torch.save); loads into torchvision/timm strictly
-  X (no suffix)      an Orbax checkpoint directory (StandardCheckpointer), existing or not
+  X (no suffix)      an Orbax checkpoint directory (StandardCheckpointer), existing or not;
+                     missing parent directories are created
 
 SRC: any of these (format read from the content, not the name), a training checkpoint
 ({"state_dict": ...}, {"model": ...}, {"model_state_dict": ...}, with epoch/optimizer
@@ -24,7 +25,7 @@ step). .pth files are read with torch.load(weights_only=True) only: a pickle tha
 run code is refused and nothing in it runs. Only .pth in or out needs torch.
 
 --layout torchvision|seed: the output's layout (default: the source's). torchvision has
-bias-free convs and `downsample`; seed has conv biases and `identity_downsample`
+bias-free convs and "downsample"; seed has conv biases and "identity_downsample"
 (resnet50/101/152). seed -> torchvision folds each conv bias into the next BatchNorm's
 running_mean (exact); torchvision -> seed adds zero biases.
 
@@ -49,6 +50,10 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The epilog as written, and every option's default shown."""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     c = subparsers.add_parser(
         "convert",
@@ -56,23 +61,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Convert a ResNet checkpoint: strict (every key and shape checked), safe "
         "(no pickled code runs), atomic (no partial output) and never overwriting without --force.",
         epilog=CONVERT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     c.add_argument("src", metavar="SRC", help="input file or Orbax directory")
     c.add_argument("dst", metavar="DST", help="output path; its suffix picks the format (see below)")
     c.add_argument(
         "--arch",
         default="auto",
+        choices=("auto", *ARCHS),
         metavar="ARCH",
-        help=f"architecture the file must hold: auto (infer from keys and shapes, default) or one of {', '.join(ARCHS)}",
+        help=f"architecture the file must hold: auto (infer it from keys and shapes) or one of {', '.join(ARCHS)}",
     )
     c.add_argument(
         "--layout",
-        default=None,
-        choices=("torchvision", "seed", "flax"),
-        help="key layout of the output (default: the source's); flax: Flax keys in .safetensors/.npz",
+        default="source",
+        choices=("source", "torchvision", "seed", "flax"),
+        help="key layout of the output: the source's, torchvision, seed, or flax (Flax keys in .safetensors/.npz)",
     )
-    c.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="cast floating weights (default: keep)")
+    c.add_argument("--dtype", default="keep", choices=("keep", "float32", "bfloat16"), help="floating weights kept as they are, or cast")
     c.add_argument("--force", action="store_true", help="overwrite an existing output")
     c.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights instead of refusing")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -84,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Describe a checkpoint file or Orbax directory. Exit status 0 if convert would "
         "accept it, 1 if it has problems (non-finite values, unexpected/missing/mis-shaped keys), "
         "2 if it is not a readable checkpoint.",
+        formatter_class=_HelpFormatter,
     )
     i.add_argument("file", metavar="FILE", help="checkpoint file or Orbax directory")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -91,15 +98,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from flax_resnet import checkpoint
+    from flax_resnet import io
 
     arch = None if args.arch in (None, "auto") else args.arch
-    r = checkpoint.convert(
+    r = io.convert(
         args.src,
         args.dst,
         arch=arch,
-        layout=args.layout,
-        dtype=args.dtype,
+        layout=None if args.layout == "source" else args.layout,
+        dtype=None if args.dtype == "keep" else args.dtype,
         force=args.force,
         allow_nonfinite=args.allow_nonfinite,
     )
@@ -166,9 +173,9 @@ def format_report(r: dict) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from flax_resnet import checkpoint
+    from flax_resnet import io
 
-    r = checkpoint.inspect(args.file)
+    r = io.inspect(args.file)
     if args.json:
         print(json.dumps(r, indent=2, default=str))
     else:

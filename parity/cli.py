@@ -84,11 +84,10 @@ def _load_reference(path: str, layout: str | None):
     import torch_ref
     from flax_resnet import convert
 
-    try:
-        from flax_resnet.checkpoint import read_state_dict
-    except ImportError:  # checkpoint I/O not available: plain torch files only
-        read_state_dict = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
+    from flax_resnet.io import CheckpointError, read_state_dict
+
     sd = convert.normalize_state_dict(read_state_dict(path))
+    convert.check_finite(sd, str(path), CheckpointError)  # NaN/Inf weights are bad input (exit 2), not a parity failure
     cfg = convert.infer_config(sd, layout=layout)
     model = torch_ref.ResNet(cfg.arch, img_channels=cfg.in_channels, num_classes=cfg.num_classes, layout=cfg.layout)
     # Strictness and shapes are checked by the converter first: one collected error.

@@ -25,7 +25,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import flax_resnet  # noqa: E402
-from flax_resnet import TORCHVISION_PARAM_COUNTS, checkpoint, torch_to_flax  # noqa: E402
+from flax_resnet import TORCHVISION_PARAM_COUNTS, torch_to_flax  # noqa: E402
+from flax_resnet import io as checkpoint  # noqa: E402
+from flax_resnet.io.resolve import nbt_from_torch  # noqa: E402
 from flax_resnet.convert import _flatten  # noqa: E402
 
 DEPTHS = ("resnet50", "resnet101", "resnet152")
@@ -346,7 +348,7 @@ def test_save_api_and_varying_num_batches_tracked(workdir):
     sd["layer2.0.bn1.num_batches_tracked"] = np.array(17, np.int64)  # per-layer values survive too
     variables = torch_to_flax(sd)
     dst = workdir / "api.msgpack"
-    info = checkpoint.save(dst, variables, meta={"num_batches_tracked": checkpoint._nbt_from_torch(sd, flax_resnet.infer_config(sd))})
+    info = checkpoint.save(dst, variables, meta={"num_batches_tracked": nbt_from_torch(sd, flax_resnet.infer_config(sd))})
     assert info["format"] == "msgpack" and info["arch"] == "resnet18"
     with pytest.raises(FileExistsError):
         checkpoint.save(dst, variables)

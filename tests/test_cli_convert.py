@@ -19,7 +19,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from flax_resnet import checkpoint, cli, torch_to_flax  # noqa: E402
+from flax_resnet import cli, torch_to_flax  # noqa: E402
+from flax_resnet import io as checkpoint  # noqa: E402
+from flax_resnet.io import formats  # noqa: E402
 from flax_resnet.convert import _flatten  # noqa: E402
 
 
@@ -397,7 +399,9 @@ def test_output_exists(capsys, good, tmp_path):
 
 def test_other_bad_arguments(capsys, good, tmp_path):
     assert_refused(capsys, ["convert", good, tmp_path / "out.txt"], "unknown output format '.txt'", dst=tmp_path / "out.txt")
-    assert_refused(capsys, ["convert", good, tmp_path / "no" / "out.msgpack"], "does not exist")
+    (tmp_path / "file").write_text("x")
+    assert_refused(capsys, ["convert", good, tmp_path / "file" / "ckpt" / "out"], "file is not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "good.pth"]
     assert_refused(capsys, ["convert", good, tmp_path / "o.pth", "--layout", "seed"], "seed", "resnet50/101/152", dst=tmp_path / "o.pth")
     assert_refused(capsys, ["convert", good, tmp_path / "o.pth", "--layout", "flax"], "layout 'flax'", dst=tmp_path / "o.pth")
 
@@ -409,7 +413,7 @@ def test_failed_write_leaves_nothing(good, tmp_path, monkeypatch):
         tmp.write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "_write_msgpack", broken)
+    monkeypatch.setattr(formats, "write_msgpack", broken)
     dst = tmp_path / "out.msgpack"
     with pytest.raises(OSError, match="disk full"):
         checkpoint.convert(good, dst)
@@ -428,7 +432,7 @@ def test_unwritable_output_is_one_line_naming_it(capsys, good, tmp_path, monkeyp
     def denied(tmp, variables, meta):
         raise PermissionError(13, "Permission denied", str(tmp))
 
-    monkeypatch.setattr(checkpoint, "_write_msgpack", denied)
+    monkeypatch.setattr(formats, "write_msgpack", denied)
     dst = tmp_path / "out.msgpack"
     line = assert_refused(capsys, ["convert", good, dst], f"{dst}: cannot write (Permission denied)", dst=dst)
     assert ".tmp-" not in line
