@@ -36,6 +36,7 @@ torch ``autocast(bfloat16)`` (the CPU/GPU AMP recipe), same weights.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -48,6 +49,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from flax_resnet.tables import markdown_table  # noqa: E402 - after the path set-up
 
 LOADED = 1.5  # load average above which a row is flagged (when other processes cannot be sampled)
 OTHER_BUSY = 0.5  # mean runnable threads of other processes above which a row is flagged
@@ -203,35 +206,26 @@ def worker_flax_eval(task):
 
 
 def worker_flax_train(task):
-    """Flax train step (jit, donated state), one or more variants (``jit``, ``fast`` = conv_as_dot)."""
+    """Flax train step: the library's ``training.train_step_fn`` under jit with the state donated; variants ``jit``, ``fast``."""
     import jax
-    import optax
+
+    from flax_resnet import training
 
     x, labels = _images(task["batch"], nhwc=True)
     x, labels = jax.device_put(x), jax.device_put(labels)
-    tx = optax.sgd(0.1, momentum=0.9)
+    tx = training.torch_sgd(0.1, momentum=0.9)  # as the torch workers' SGD(lr=0.1, momentum=0.9)
     fns, compile_s = {}, {}
     for variant in task["variants"]:
         model, variables = _flax_model(task["arch"], task["dtype"], variant, "train")
-
-        def step(params, stats, opt_state, x, y, model=model):
-            def loss_fn(p):
-                logits, new = model.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
-                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new["batch_stats"]
-
-            (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-        state = [variables["params"], variables["batch_stats"], tx.init(variables["params"])]
-        f = jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=_compiler_options(task))
+        state = [training.create_train_state(model, variables, tx)]
+        f = jax.jit(training.train_step_fn, static_argnums=3, donate_argnums=0, compiler_options=_compiler_options(task))
         t0 = time.perf_counter()
-        compiled = f.lower(*state, x, labels).compile()
+        compiled = f.lower(state[0], x, labels, 0.0).compile()
         compile_s[variant] = time.perf_counter() - t0
 
         def run(c=compiled, state=state):
-            state[0], state[1], state[2], loss = c(state[0], state[1], state[2], x, labels)
-            loss.block_until_ready()
+            state[0], metrics = c(state[0], x, labels)
+            metrics["loss"].block_until_ready()
 
         fns[variant] = run
     out = _round_robin(fns, task["repeats"], task.get("budget_s"), task["batch"])
@@ -319,7 +313,6 @@ def worker_compile(task):
     """Lower + compile time and first-call latency (lower + compile + first run) of ``jit``, eval or train step."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     import flax_resnet
 
@@ -329,28 +322,19 @@ def worker_compile(task):
     x, labels = _images(task["batch"], nhwc=True)
     x, labels = jax.device_put(x), jax.device_put(labels)
     if task["mode"] == "eval":
+        fn, args = (lambda v, x: model.apply(v, x)), (variables, x)
+    else:  # the library's train step: loss, gradients, SGD update, BN statistics
+        from flax_resnet import training
 
-        def fn(v, x, y):
-            return model.apply(v, x)
-
-    else:
-        tx = optax.sgd(0.1, momentum=0.9)
-
-        def fn(v, x, y):
-            def loss_fn(p):
-                logits, new = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])
-                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new["batch_stats"]
-
-            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
-            updates, _ = tx.update(grads, tx.init(v["params"]), v["params"])
-            return optax.apply_updates(v["params"], updates), stats, loss
+        fn = functools.partial(training.train_step_fn, label_smoothing=0.0)
+        args = (training.create_train_state(model, variables, training.torch_sgd(0.1, momentum=0.9)), x, labels)
 
     t0 = time.perf_counter()
-    lowered = jax.jit(fn, compiler_options=_compiler_options(task)).lower(variables, x, labels)
+    lowered = jax.jit(fn, compiler_options=_compiler_options(task)).lower(*args)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    jax.block_until_ready(compiled(variables, x, labels))
+    jax.block_until_ready(compiled(*args))
     t3 = time.perf_counter()
     # First-call latency as a user sees it: trace + lower + compile + the first run.
     first = t3 - t0
@@ -549,12 +533,6 @@ def _fmt(v, digits=1, suffix=""):
     return f"{v:.{digits}f}{suffix}"
 
 
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    w = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"
-    return "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows])
-
-
 def _img_s(res):
     return res.get("img_s") if res and res.get("ok") else None
 
@@ -641,7 +619,7 @@ def section_eval(r: Runner, args) -> str:
         f"1x1 convs as dots) run by `inference.predict_fn(chunk={args.chunk})`. torch.compile runs channels_last. "
         "Ratios are against torch's best eager layout (and torch.compile). RSS: Flax process (both variants) / torch eager process (both layouts) / torch.compile process."
     )
-    return "### Eval forward (img/s, higher is better)\n\n" + note + "\n\n" + _table(SPEED_HEAD, [r_[: len(SPEED_HEAD)] for r_ in rows]) + _errors(rows)
+    return "### Eval forward (img/s, higher is better)\n\n" + note + "\n\n" + markdown_table(SPEED_HEAD, [r_[: len(SPEED_HEAD)] for r_ in rows]) + _errors(rows)
 
 
 def section_train(r: Runner, args) -> str:
@@ -650,7 +628,7 @@ def section_train(r: Runner, args) -> str:
         "One step = forward in train mode (batch statistics), cross-entropy, backward, SGD momentum update, BN running stats. "
         "Flax: the whole step under `jax.jit` with donated buffers; Flax fast = `ResNet(conv_as_dot=True)`. torch: eager (and torch.compile of the model)."
     )
-    return "### Train step (img/s, higher is better)\n\n" + note + "\n\n" + _table(SPEED_HEAD, [r_[: len(SPEED_HEAD)] for r_ in rows]) + _errors(rows)
+    return "### Train step (img/s, higher is better)\n\n" + note + "\n\n" + markdown_table(SPEED_HEAD, [r_[: len(SPEED_HEAD)] for r_ in rows]) + _errors(rows)
 
 
 def _errors(rows) -> str:
@@ -678,7 +656,7 @@ def section_compile(r: Runner, args) -> str:
     return (
         f"### Compile time (batch {args.compile_batch}, {IMAGE}x{IMAGE}, fp32; `jax.jit(...).lower()` + `.compile()`; first call = lower + compile + first run)\n\n"
         "eval = `model.apply`; train = loss, gradients and an SGD update. scan = `ResNet(scan_blocks=True)`, + remat = `remat=True`.\n\n"
-        + _table(head, rows)
+        + markdown_table(head, rows)
     )
 
 
@@ -687,7 +665,7 @@ def section_construct(r: Runner, args) -> str:
     for arch in args.construct_archs:
         res = r.run("construct", dict(arch=arch), "construct", dict(kind="construct", arch=arch, repeats=args.construct_repeats, jit_init=args.jit_init))
         if not res.get("ok"):
-            rows.append([arch, res.get("error", "failed")] + ["-"] * 8)
+            rows.append([arch, res.get("error", "failed")] + ["-"] * 9)
             continue
         mib = res["bytes"] / 2**20
         flag = " *" if _loaded([res]) else ""
@@ -708,7 +686,7 @@ def section_construct(r: Runner, args) -> str:
         )
     head = ["arch", "MiB", "np.copy ms", "torch_to_flax ms", "convert/copy", "…scan_blocks ms", "flax_to_torch ms", "ready to run s", "ready (scan) s", "jit(init) s", "RSS MiB"]
     return (
-        "### Construction and conversion (fp32 weights; ready to run = from_torch + eval_shape check + device_put)\n\n" + _table(head, rows)
+        "### Construction and conversion (fp32 weights; ready to run = from_torch + eval_shape check + device_put)\n\n" + markdown_table(head, rows)
     )
 
 

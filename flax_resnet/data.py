@@ -2,29 +2,57 @@
 
 ``load_digits`` is scikit-learn's handwritten digits (1,797 real 8x8 scans
 that ship inside scikit-learn), upscaled to 32x32; ``load_npz`` reads a
-user's own ``.npz`` of ``images`` and ``labels``. ``batches`` yields
-shuffled, optionally augmented mini-batches whose order depends only on
-``(seed, epoch)``, so a resumed run sees exactly the batches an
-uninterrupted one would.
+user's own ``.npz`` of ``images`` and ``labels`` and refuses data that would
+train into garbage (non-finite pixels, labels out of range, channels-first
+arrays, empty images, archives that inflate far beyond their size), each with
+one line naming the file, the array and the first offending index.
+``batches`` yields shuffled, optionally augmented mini-batches whose order
+depends only on ``(seed, epoch)``, so a resumed run sees exactly the batches
+an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from typing import Iterator
 
 import numpy as np
 
-__all__ = ["Dataset", "load_digits", "load_npz", "load_dataset", "batches", "num_batches", "random_shift"]
+__all__ = [
+    "Dataset",
+    "DatasetError",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NORMALIZATIONS",
+    "load_digits",
+    "load_npz",
+    "load_dataset",
+    "batches",
+    "num_batches",
+    "random_shift",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's, for images in [0, 1]
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("dataset", "imagenet", "none")
+MAX_CLASSES = 1_000_000  # a larger head is a label bug, not a dataset
+BOMB_RATIO = 100  # real image arrays deflate by ~2-20x; zeros by ~1000x
+BOMB_MIN_BYTES = 64 * 2**20  # small members may compress as much as they like
+
+
+class DatasetError(ValueError):
+    """A dataset file that cannot be trained on; the message names the file and the array."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """A train/test split of float32 NHWC images and int32 labels.
 
-    Images are normalized per channel with the *training* mean and std
-    (``mean``/``std``, kept for inference on new images).
+    Images are ``(x - mean) / std`` per channel; ``mean``/``std`` are the
+    *training* set's own (``normalize="dataset"``), ImageNet's
+    (``"imagenet"``) or 0/1 (``"none"``), kept for inference on new images.
     """
 
     name: str
@@ -86,31 +114,46 @@ def _split(images, labels, test_fraction: float, seed: int):
     return train_test_split(images, labels, test_size=test_fraction, random_state=seed, stratify=stratify)
 
 
-def _finish(name, x_train, y_train, x_test, y_test, num_classes=None) -> Dataset:
+def _normalization(normalize: str, x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    c = x_train.shape[-1]
+    if normalize == "dataset":
+        mean = x_train.mean(axis=(0, 1, 2), dtype=np.float64)
+        std = x_train.std(axis=(0, 1, 2), dtype=np.float64)
+        std = np.where(std > 0, std, 1.0)
+    elif normalize == "imagenet":
+        if c not in (1, 3):
+            raise DatasetError(f"ImageNet normalization needs 1 or 3 channels, the images have {c}")
+        # Grey images: the channel average (a grey pixel replicated to RGB sees about the same).
+        mean, std = (np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)) if c == 3 else (np.mean(IMAGENET_MEAN, keepdims=True), np.mean(IMAGENET_STD, keepdims=True))
+    elif normalize == "none":
+        mean, std = np.zeros(c), np.ones(c)
+    else:
+        raise ValueError(f"unknown normalize {normalize!r}; use one of {', '.join(NORMALIZATIONS)}")
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _finish(name, x_train, y_train, x_test, y_test, num_classes: int, normalize: str = "dataset") -> Dataset:
     x_train = x_train.astype(np.float32)
     x_test = x_test.astype(np.float32)
-    mean = x_train.mean(axis=(0, 1, 2))
-    std = x_train.std(axis=(0, 1, 2))
-    std = np.where(std > 0, std, 1.0).astype(np.float32)
+    mean, std = _normalization(normalize, x_train)
     norm = lambda x: ((x - mean) / std).astype(np.float32)
-    y_train = np.asarray(y_train, np.int32)
-    y_test = np.asarray(y_test, np.int32)
-    if num_classes is None:
-        num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
-    return Dataset(name, norm(x_train), y_train, norm(x_test), y_test, int(num_classes), mean.astype(np.float32), std)
+    return Dataset(name, norm(x_train), np.asarray(y_train, np.int32), norm(x_test), np.asarray(y_test, np.int32), int(num_classes), mean, std)
 
 
-def load_digits(size: int = 32, channels: int = 1, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def load_digits(size: int = 32, channels: int = 1, test_fraction: float = 0.2, seed: int = 0, normalize: str = "dataset") -> Dataset:
     """scikit-learn's handwritten digits, upscaled to ``size`` x ``size``.
 
-    1,797 8x8 grey images with values 0..16, ten classes. The split is a
-    fixed stratified one (80/20 by default: 1,437 train, 360 test).
+    1,797 8x8 grey images with values 0..16 (divided by 16), ten classes.
+    The split is a fixed stratified one (80/20 by default: 1,437 train,
+    360 test).
 
     Args:
         size: output height and width (bilinear upscaling).
         channels: 1 (grey) or 3 (the grey image repeated, for RGB models).
         test_fraction: share of the images held out for testing.
         seed: seed of the split.
+        normalize: ``"dataset"`` (the training set's mean/std),
+            ``"imagenet"`` or ``"none"``.
     """
     _sklearn()
     from sklearn.datasets import load_digits as sk_digits
@@ -123,86 +166,261 @@ def load_digits(size: int = 32, channels: int = 1, test_fraction: float = 0.2, s
     elif channels != 1:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     x_train, x_test, y_train, y_test = _split(images, d.target.astype(np.int32), test_fraction, seed)
-    return _finish("digits", x_train, y_train, x_test, y_test, num_classes=10)
+    return _finish("digits", x_train, y_train, x_test, y_test, 10, normalize)
 
 
-def load_npz(path: str | os.PathLike, size: int | None = None, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+# ------------------------------------------------------------------ .npz files
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _read_header(fp, version) -> tuple[tuple[int, ...], np.dtype]:
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        raise ValueError(f".npy format version {version} is not supported")
+    return shape, dtype
+
+
+def _declared(path: str, keys: tuple[str, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of the ``keys`` arrays of an ``.npz``, from the headers alone (nothing inflated).
+
+    Refuses a member whose declared size does not match its array header,
+    and a large member that deflates over ``BOMB_RATIO`` times its stored size.
+    """
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename[: -len(".npy")]: i for i in z.infolist() if i.filename.endswith(".npy")}
+        for key in keys:
+            info = members.get(key)
+            if info is None:
+                continue
+            if info.file_size > BOMB_MIN_BYTES and info.file_size > BOMB_RATIO * max(info.compress_size, 1):
+                raise DatasetError(
+                    f"{path}: {key} declares {info.file_size:,} bytes stored in {info.compress_size:,} "
+                    f"(x{info.file_size // max(info.compress_size, 1):,}): refusing a likely deflate bomb"
+                )
+            with z.open(info) as m:
+                shape, dtype = _read_header(m, np.lib.format.read_magic(m))
+                header = m.tell()
+            if dtype.hasobject:
+                raise DatasetError(f"{path}: {key} holds Python objects (dtype {dtype}); save numeric arrays")
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if header + nbytes != info.file_size:
+                raise DatasetError(f"{path}: {key} declares shape {shape} ({nbytes:,} bytes) but holds {info.file_size - header:,}")
+            out[key] = (tuple(shape), dtype)
+    return out
+
+
+def _first(mask: np.ndarray) -> tuple[int, ...]:
+    """Index of the first True of ``mask`` (C order)."""
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
+
+
+def _at(key: str, idx: tuple[int, ...]) -> str:
+    return f"{key}[{', '.join(map(str, idx))}]"
+
+
+def _check_images(path: str, key: str, shape: tuple[int, ...], dtype: np.dtype, channels_first: bool) -> None:
+    """Checks of an image array's declared shape and dtype (before reading it)."""
+    if len(shape) not in (3, 4):
+        raise DatasetError(f"{path}: {key} must be (N, H, W) or (N, H, W, C), got shape {shape}")
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == np.bool_):
+        raise DatasetError(f"{path}: {key} must hold integers or floats, got dtype {dtype}")
+    if shape[0] == 0:
+        raise DatasetError(f"{path}: {key} holds no images (shape {shape})")
+    if 0 in shape:
+        raise DatasetError(f"{path}: {key} has an empty image axis (shape {shape})")
+    if len(shape) == 4:
+        first_c, last_c = shape[1] in (1, 3), shape[-1] in (1, 3)
+        if not channels_first and first_c and not last_c:
+            raise DatasetError(
+                f"{path}: {key} of shape {shape} looks channels-first (N, C, H, W); images are NHWC here: "
+                "pass --channels-first (channels_first=True) to transpose them"
+            )
+        if channels_first and last_c and not first_c:
+            raise DatasetError(f"{path}: {key} of shape {shape} looks channels-last (N, H, W, C) already: drop --channels-first")
+    elif channels_first:
+        raise DatasetError(f"{path}: --channels-first needs (N, C, H, W) images, {key} has shape {shape}")
+
+
+def _images(path: str, key: str, x: np.ndarray, channels_first: bool) -> np.ndarray:
+    """float32 NHWC images from a checked array; integers scaled by 1/255, bools to 0/1."""
+    if np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            i = _first(bad)
+            raise DatasetError(f"{path}: {_at(key, i)} is {x[i]}: every pixel must be finite (one NaN/Inf makes every normalized pixel NaN)")
+        if np.finfo(x.dtype).max > np.finfo(np.float32).max:
+            big = np.abs(x) > np.finfo(np.float32).max
+            if big.any():
+                i = _first(big)
+                raise DatasetError(f"{path}: {_at(key, i)} = {x[i]:g} does not fit float32 (|x| <= 3.4e38)")
+        x = x.astype(np.float32)
+    elif x.dtype == np.bool_:
+        x = x.astype(np.float32)
+    else:
+        x = x.astype(np.float32) / 255.0
+    if x.ndim == 3:
+        x = x[..., None]
+    elif channels_first:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    return x
+
+
+def _labels(path: str, key: str, y: np.ndarray, n: int, num_classes: int | None) -> np.ndarray:
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"{path}: {key} must be a 1-D integer array, got {y.dtype} of shape {y.shape}")
+    if len(y) != n:
+        raise DatasetError(f"{path}: {key} has {len(y)} entries for {n} images")
+    if len(y) and (y < 0).any():
+        i = _first(y < 0)
+        raise DatasetError(f"{path}: {_at(key, i)} = {y[i]}: class ids must be >= 0")
+    if num_classes is not None and len(y) and (y >= num_classes).any():
+        i = _first(y >= num_classes)
+        raise DatasetError(f"{path}: {_at(key, i)} = {y[i]} is not a class id below num_classes {num_classes}")
+    return y
+
+
+def _dense_classes(path: str, labels: dict[str, np.ndarray]) -> int:
+    """The number of classes when the labels use every id 0..K-1; otherwise refuses."""
+    classes = np.unique(np.concatenate([y.astype(np.int64) for y in labels.values()]))
+    k = int(classes[-1]) + 1
+    if k != len(classes):
+        key, y = max(labels.items(), key=lambda kv: int(kv[1].max(initial=0)))
+        i = _first(y == classes[-1])
+        raise DatasetError(
+            f"{path}: {_at(key, i)} = {classes[-1]} but the labels hold only {len(classes)} distinct class ids, "
+            f"not every id 0..{classes[-1]}: pass --num-classes (num_classes=) to train a head of that many classes"
+        )
+    return k
+
+
+def load_npz(
+    path: str | os.PathLike,
+    size: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    *,
+    num_classes: int | None = None,
+    channels_first: bool = False,
+    channels: int | None = None,
+    normalize: str = "dataset",
+) -> Dataset:
     """A user's dataset from a ``.npz`` file.
 
     Required keys: ``images`` (N, H, W) or (N, H, W, C), and ``labels`` (N,)
     integer class ids from 0. Optional ``test_images`` / ``test_labels`` give
     a fixed test split; otherwise ``test_fraction`` of the data is held out
-    (stratified, seeded). Integer images are scaled by 1/255.
+    (stratified, seeded). Integer images are divided by 255, float images
+    are taken as they are (ImageNet's mean/std expect values in [0, 1]).
 
     Args:
-        path: the ``.npz`` file.
+        path: the ``.npz`` file (``np.savez(path, images=..., labels=...)``).
         size: resize images to ``size`` x ``size`` (bilinear); ``None`` keeps them.
         test_fraction: held-out share when the file has no test split.
         seed: seed of that split.
+        num_classes: size of the classifier; default: inferred from the
+            labels when they use every id 0..K-1 (a stray id like 100000
+            is refused rather than turned into a 100,001-class head).
+        channels_first: the images are (N, C, H, W): transpose them. Without
+            it such arrays (a leading axis of 1 or 3, a trailing one that is
+            not) are refused.
+        channels: 3 repeats grey images to RGB (for an RGB checkpoint).
+        normalize: ``"dataset"`` (the training set's per-channel mean/std),
+            ``"imagenet"`` (torchvision's mean/std, for ImageNet weights) or
+            ``"none"``.
+
+    Raises:
+        DatasetError: the file cannot be trained on (one line naming the
+            file, the array and the first offending index).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such dataset file: {path}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalize {normalize!r}; use one of {', '.join(NORMALIZATIONS)}")
+    if num_classes is not None and not 1 <= num_classes <= MAX_CLASSES:
+        raise DatasetError(f"{path}: num_classes must be between 1 and {MAX_CLASSES:,}, got {num_classes}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise DatasetError(f"{path} is a single .npy array; a dataset is a .npz with images and labels: np.savez(path, images=x, labels=y)")
+    keys = ("images", "labels", "test_images", "test_labels")
     try:
-        f = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - anything unreadable is a usage error
-        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
-    with f:
-        keys = set(getattr(f, "files", ()))
-        missing = [k for k in ("images", "labels") if k not in keys]
-        if missing:
-            raise ValueError(f"{path} lacks key(s) {', '.join(missing)}; it has: {', '.join(sorted(keys)) or 'none'}")
-        if ("test_images" in keys) != ("test_labels" in keys):
-            raise ValueError(f"{path} must have both test_images and test_labels, or neither")
-        arrays = {k: f[k] for k in keys}
+        declared = _declared(path, keys)
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything unreadable is bad input
+        raise DatasetError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
+    missing = [k for k in ("images", "labels") if k not in declared]
+    if missing:
+        raise DatasetError(f"{path} lacks array(s) {', '.join(missing)}; np.savez(path, images=x, labels=y)")
+    if ("test_images" in declared) != ("test_labels" in declared):
+        raise DatasetError(f"{path} must have both test_images and test_labels, or neither")
+    image_keys = [k for k in ("images", "test_images") if k in declared]
+    for k in image_keys:
+        _check_images(path, k, *declared[k], channels_first)
+    pixels = sum(int(np.prod(declared[k][0], dtype=object)) for k in image_keys)
+    need, avail = 3 * 4 * pixels, _available_memory()  # float32 copies: read, normalized, split
+    if avail is not None and need > avail:
+        raise DatasetError(f"{path}: the images need ~{need / 2**30:.1f} GiB as float32, {avail / 2**30:.1f} GiB of memory is available")
 
-    def images_of(key):
-        x = arrays[key]
-        if x.ndim == 3:
-            x = x[..., None]
-        if x.ndim != 4:
-            raise ValueError(f"{key} must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
-        if np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
-            x = x.astype(np.float32) / 255.0
-        elif not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"{key} must be numeric, got dtype {x.dtype}")
-        x = x.astype(np.float32)
-        return _resize(x, size) if size else x
+    def read(key):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return f[key]
+        except Exception as e:  # noqa: BLE001 - a damaged member (bad CRC, truncation)
+            raise DatasetError(f"{path}: cannot read {key} ({type(e).__name__}: {e})") from None
 
-    def labels_of(key, n):
-        y = arrays[key]
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"{key} must be a 1-D integer array, got {y.dtype} {y.shape}")
-        if len(y) != n:
-            raise ValueError(f"{key} has {len(y)} entries for {n} images")
-        if len(y) and y.min() < 0:
-            raise ValueError(f"{key} must be class ids >= 0")
-        return y.astype(np.int32)
-
-    x = images_of("images")
-    y = labels_of("labels", len(x))
-    if len(x) == 0:
-        raise ValueError(f"{path} holds no images")
-    if "test_images" in keys:
-        xt = images_of("test_images")
-        yt = labels_of("test_labels", len(xt))
+    x = _images(path, "images", read("images"), channels_first)
+    y = _labels(path, "labels", read("labels"), len(x), num_classes)
+    labels = {"labels": y}
+    if "test_images" in declared:
+        xt = _images(path, "test_images", read("test_images"), channels_first)
+        yt = _labels(path, "test_labels", read("test_labels"), len(xt), num_classes)
         if xt.shape[1:] != x.shape[1:]:
-            raise ValueError(f"test_images are {xt.shape[1:]}, images are {x.shape[1:]}")
-        x_train, y_train, x_test, y_test = x, y, xt, yt
+            raise DatasetError(f"{path}: test_images are {xt.shape[1:]} (NHWC), images are {x.shape[1:]}")
+        labels["test_labels"] = yt
+    if num_classes is None:
+        num_classes = _dense_classes(path, labels)
+    y = y.astype(np.int32)
+    if channels is not None and x.shape[-1] != channels:
+        if (x.shape[-1], channels) != (1, 3):
+            raise DatasetError(f"{path}: images have {x.shape[-1]} channels, {channels} are needed")
+        x = np.repeat(x, 3, -1)
+        if "test_images" in declared:
+            xt = np.repeat(xt, 3, -1)
+    if size:
+        x = _resize(x, size)
+    if "test_images" in declared:
+        x_train, y_train, x_test, y_test = x, y, (_resize(xt, size) if size else xt), yt.astype(np.int32)
     else:
         if len(x) < 2:
-            raise ValueError(f"{path} needs at least 2 images to split off a test set")
+            raise DatasetError(f"{path} needs at least 2 images to split off a test set")
         x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed)
     name = os.path.splitext(os.path.basename(path))[0]
-    return _finish(name, x_train, y_train, x_test, y_test)
+    return _finish(name, x_train, y_train, x_test, y_test, num_classes, normalize)
 
 
 def load_dataset(name: str, **kwargs) -> Dataset:
-    """``"digits"`` or a path to a ``.npz`` file (see ``load_npz``)."""
+    """``"digits"`` or a path to a ``.npz`` file (see ``load_digits`` and ``load_npz``)."""
     if name == "digits":
+        for k in ("num_classes", "channels_first"):
+            kwargs.pop(k, None)
         return load_digits(**kwargs)
-    if name.endswith(".npz") or os.path.exists(name):
-        kwargs.pop("channels", None)
+    if name.endswith((".npz", ".npy")) or os.path.exists(name):
         return load_npz(name, **kwargs)
     raise ValueError(f"unknown dataset {name!r}: use 'digits' or a path to a .npz file with images and labels")
 
@@ -222,6 +440,7 @@ def random_shift(images: np.ndarray, rng: np.random.Generator, max_shift: int) -
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
+    """Batches in an epoch of ``n`` examples."""
     return n // batch_size if drop_last else -(-n // batch_size)
 
 

@@ -1,55 +1,84 @@
 """``flax-resnet train``: train a Flax ResNet in JAX on digits or your own .npz.
 
-Writes ``WORKDIR/metrics.jsonl`` (one JSON object per epoch), ``WORKDIR/curves.png``
-and Orbax checkpoints in ``WORKDIR/checkpoints``; rerunning with the same
-``WORKDIR`` resumes from the last checkpoint.
+Writes WORKDIR/metrics.jsonl (one JSON object per epoch), WORKDIR/curves.png
+and Orbax checkpoints in WORKDIR/checkpoints; rerunning with the same
+WORKDIR resumes from the newest checkpoint that restores.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+from typing import Any
 
 DEFAULTS = dict(epochs=12, batch_size=64, warmup_epochs=1.0, max_shift=2, seed=0)
+DTYPES = ("float32", "bfloat16", "float16")
+TRAIN_EXTRA = ("sklearn", "matplotlib", "tqdm")  # digits and data splits, the plot, the progress bar
+# Settings that make a checkpoint another run: resuming under other values is refused.
+RUN_KEYS = ("arch", "dataset", "num_classes", "batch_size", "seed", "dtype", "normalize", "channels_first", "size")
+# Settings of the recipe: resuming under other values continues the run with them.
+RECIPE_KEYS = ("epochs", "lr", "schedule", "warmup_epochs", "momentum", "weight_decay", "label_smoothing", "max_shift")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default unless it is None/False (those say their default in words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "%(default)" not in text and not quiet and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 def register(subparsers) -> None:
+    from flax_resnet.archs import ARCHS
+
     p = subparsers.add_parser(
         "train",
         help="train a ResNet in JAX (digits or a .npz of images and labels)",
         description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--arch", default=None, help="architecture (default resnet50, or the --init checkpoint's)")
-    p.add_argument("--dataset", default="digits", help="'digits' (scikit-learn's, 32x32) or a .npz with images and labels")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs to train (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global batch size (default %(default)s)")
-    p.add_argument("--workdir", required=True, help="output directory: metrics.jsonl, curves.png, checkpoints/")
-    p.add_argument("--devices", type=int, default=None, help="data-parallel over K devices (on CPU: K virtual devices)")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16 (params stay float32)")
+    p.add_argument("--arch", default=None, choices=list(ARCHS), metavar="ARCH",
+                   help=f"architecture: {', '.join(ARCHS)} (default: resnet50, or the --init checkpoint's)")
+    p.add_argument("--dataset", default="digits", help="'digits' (scikit-learn's, 32x32) or a .npz with arrays images and labels")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs to train")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global batch size")
+    p.add_argument("--workdir", default=None, help="output directory: metrics.jsonl, curves.png, checkpoints/ (default: runs/ARCH-DATASET)")
+    p.add_argument("--devices", type=int, default=None, help="data-parallel over K devices, on CPU K virtual ones (default: one device)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (params and BN statistics stay float32)")
     p.add_argument("--init", default=None, metavar="FILE", help="start from converted weights (.pth/.safetensors/.msgpack/Orbax); the head is replaced")
     p.add_argument("--freeze-backbone", action="store_true", help="train only fc (BN statistics frozen too); needs --init")
-    g = p.add_argument_group("recipe (He et al. 2016 defaults)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1 x batch/256)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    d = p.add_argument_group("data")
+    d.add_argument("--size", type=int, default=None, help="image size (default: digits 32, upscaled from 8x8; .npz images as they are)")
+    d.add_argument("--normalize", default="dataset", choices=("dataset", "imagenet", "none"),
+                   help="per-channel (x - mean) / std with the training set's own mean/std, ImageNet's (for ImageNet weights), or none; "
+                   "integer images are divided by 255 first")
+    d.add_argument("--num-classes", type=int, default=None, help="classes of the head (default: from the labels, when they use every id 0..K-1)")
+    d.add_argument("--channels-first", action="store_true", help="the .npz images are (N, C, H, W): transpose them to NHWC")
+    g = p.add_argument_group("recipe (He et al. 2016)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 x batch/256)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay, as torch's SGD applies it")
     g.add_argument("--no-bn-bias-decay", action="store_true", help="exclude BN params and biases from weight decay")
-    g.add_argument("--schedule", default="cosine", choices=("cosine", "step", "constant"))
-    g.add_argument("--step-epochs", default="30,60,80", help="epochs where 'step' divides the lr by 10")
-    g.add_argument("--warmup-epochs", type=float, default=DEFAULTS["warmup_epochs"])
-    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--schedule", default="cosine", choices=("cosine", "step", "constant"), help="learning-rate schedule after warmup")
+    g.add_argument("--step-epochs", default="30,60,80", help="epochs where the step schedule divides the lr by 10")
+    g.add_argument("--warmup-epochs", type=float, default=DEFAULTS["warmup_epochs"], help="linear warmup")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="as torch's CrossEntropyLoss(label_smoothing=)")
     g.add_argument("--max-shift", type=int, default=DEFAULTS["max_shift"], help="random-shift augmentation in pixels (0: none)")
     g.add_argument("--no-zero-init-residual", action="store_true", help="don't zero the last BN scale of each block")
-    p.add_argument("--size", type=int, default=None, help="image size: digits default 32 (upscaled from 8x8); .npz images are resized only if given")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of init, data order and augmentation")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="default: the batch size")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="default: the larger of the batch size and 128")
     p.add_argument("--no-resume", action="store_true", help="start over even if WORKDIR has checkpoints")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many epoch checkpoints to keep")
     p.add_argument("--progress", default="auto", choices=("auto", "on", "off"), help="progress bar (auto: on a terminal)")
-    p.add_argument("--no-cpu-workaround", action="store_true", help="don't disable XLA's algsimp pass on CPU (see training.cpu_small_conv_workaround)")
-    p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first (or FLAX_RESNET_DISTRIBUTED=1)")
+    p.add_argument("--no-cpu-workaround", action="store_true", help="keep XLA's algsimp pass on CPU (it slows small convs ~3x)")
+    p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first (or set FLAX_RESNET_DISTRIBUTED=1)")
     p.set_defaults(func=run)
 
 
@@ -59,20 +88,20 @@ def _usage(msg: str):
     return UsageError(msg)
 
 
-TRAIN_EXTRA = ("sklearn", "matplotlib", "tqdm")  # digits and data splits, the plot, the progress bar
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ the steps of run
 
 
 def _validate(args) -> None:
+    """Everything checkable before JAX starts: extras, numbers, files."""
     import importlib.util
-
-    from flax_resnet.archs import ARCHS
 
     missing = [m for m in TRAIN_EXTRA if importlib.util.find_spec(m) is None]
     if missing:
         raise _usage(f"needs {', '.join('scikit-learn' if m == 'sklearn' else m for m in missing)}: pip install 'flax-resnet[train]'")
-
-    if args.arch is not None and args.arch not in ARCHS:
-        raise _usage(f"unknown architecture {args.arch!r}; choose one of {', '.join(ARCHS)}")
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise _usage(f"--{name.replace('_', '-')} must be >= 1")
@@ -80,15 +109,19 @@ def _validate(args) -> None:
         raise _usage("--devices must be >= 1")
     if args.devices and args.batch_size % args.devices:
         raise _usage(f"--batch-size {args.batch_size} must divide over --devices {args.devices}")
-    if args.dtype not in ("float32", "bfloat16", "float16"):
-        raise _usage(f"unknown --dtype {args.dtype!r}; use float32 or bfloat16")
     if not 0.0 <= args.label_smoothing < 1.0:
         raise _usage("--label-smoothing must be in [0, 1)")
     if args.max_shift < 0 or (args.size is not None and args.size < 1):
         raise _usage("--max-shift must be >= 0 and --size >= 1")
-    if args.dataset != "digits":
-        if not os.path.exists(args.dataset):
-            raise FileNotFoundError(f"no such dataset file: {args.dataset} (use 'digits' or a .npz path)")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise _usage("--num-classes must be >= 1")
+    if args.dataset == "digits":
+        if args.num_classes not in (None, 10):
+            raise _usage(f"digits has 10 classes, not --num-classes {args.num_classes}")
+        if args.channels_first:
+            raise _usage("--channels-first applies to .npz datasets, not digits")
+    elif not os.path.exists(args.dataset):
+        raise FileNotFoundError(f"no such dataset file: {args.dataset} (use 'digits' or a .npz path)")
     if args.init is not None and not os.path.exists(args.init):
         raise FileNotFoundError(f"no such checkpoint: {args.init}")
     if args.freeze_backbone and args.init is None:
@@ -97,7 +130,7 @@ def _validate(args) -> None:
         args.step_epochs_list = tuple(int(e) for e in args.step_epochs.split(",") if e.strip())
     except ValueError:
         raise _usage(f"--step-epochs must be comma-separated integers, got {args.step_epochs!r}") from None
-    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    if args.workdir is not None and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
         raise _usage(f"--workdir {args.workdir} exists and is not a directory")
 
 
@@ -110,60 +143,10 @@ def _request_devices(k: int | None) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={k}".strip()
 
 
-def plot_curves(records: list[dict], path: str, title: str | None = None) -> None:
-    """Loss (train, test) and test accuracy against epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    ep = [r["epoch"] for r in records]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.plot(ep, [r["train_loss"] for r in records], "o-", label="train")
-    a1.plot(ep, [r["test_loss"] for r in records], "o-", label="test")
-    a1.set_xlabel("epoch")
-    a1.set_ylabel("cross-entropy")
-    a1.set_yscale("log")
-    a1.legend()
-    a1.grid(alpha=0.3)
-    a2.plot(ep, [100 * r["test_accuracy"] for r in records], "o-", color="C2", label="test")
-    if "train_accuracy" in records[0]:
-        a2.plot(ep, [100 * r["train_accuracy"] for r in records], "o-", color="C0", alpha=0.5, label="train (running)")
-    a2.set_xlabel("epoch")
-    a2.set_ylabel("accuracy (%)")
-    a2.legend()
-    a2.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _read_metrics(path: str, upto: int) -> list[dict]:
-    out = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    r = json.loads(line)
-                    if r.get("epoch", 0) <= upto:
-                        out.append(r)
-    return out
-
-
-def run(args: argparse.Namespace) -> int:
-    _validate(args)
+def _start_jax(args) -> bool:
+    """XLA flags, quiet Orbax logging, several hosts; returns whether this is the main process."""
     _request_devices(args.devices)
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from flax_resnet import data, training
+    from flax_resnet import training
 
     if not args.no_cpu_workaround:
         training.cpu_small_conv_workaround()
@@ -173,150 +156,265 @@ def run(args: argparse.Namespace) -> int:
         absl_logging.set_verbosity(absl_logging.ERROR)
     except ImportError:
         pass
+    import jax
+
     if training.initialize_distributed(True if args.distributed else None):
-        print(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}", file=sys.stderr)
-    main = jax.process_index() == 0
+        _say(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}")
+    return jax.process_index() == 0
 
-    dtype = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    rng = jax.random.key(args.seed)
-    init_rng, head_rng = jax.random.split(rng)
 
-    # Model first (with --init the checkpoint fixes the arch and input channels).
+def _input_channels(params) -> int:
+    """Input channels of the stem's first conv (``conv1/kernel``, or ``conv1/0/kernel`` for deep stems)."""
+    import numpy as np
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(params["conv1"])
+    return int(np.shape(flat[min(k for k in flat if k[-1] == "kernel")])[2])
+
+
+def _build_model(args, dtype):
+    """``(model, variables, in_channels)``: from --init's checkpoint, or a fresh ``ResNet`` (variables None)."""
+    from flax_resnet import training
+
     if args.init:
         model, variables = training.load_pretrained(args.init, dtype=dtype)
         if args.arch is not None and args.arch != model.spec.name:
             raise _usage(f"--arch {args.arch} but {args.init} holds a {model.spec.name}")
-        in_ch = int(np.shape(variables["params"]["conv1"]["kernel"])[2])
-    else:
-        from flax_resnet.model import ResNet
+        return model, variables, _input_channels(variables["params"])
+    from flax_resnet.model import ResNet
 
-        model = ResNet(arch=args.arch or "resnet50", num_classes=10, dtype=dtype, zero_init_residual=not args.no_zero_init_residual)
-        variables, in_ch = None, None
+    return ResNet(arch=args.arch or "resnet50", num_classes=10, dtype=dtype, zero_init_residual=not args.no_zero_init_residual), None, None
+
+
+def _load_data(args, in_ch):
+    from flax_resnet import data
 
     if args.dataset == "digits":
-        ds = data.load_digits(size=args.size or 32, channels=in_ch or 1, seed=args.seed)
-    else:
-        ds = data.load_npz(args.dataset, size=args.size, seed=args.seed)
-        if in_ch is not None and ds.image_shape[-1] != in_ch:
-            if ds.image_shape[-1] == 1 and in_ch == 3:
-                ds = data.Dataset(ds.name, np.repeat(ds.train_images, 3, -1), ds.train_labels, np.repeat(ds.test_images, 3, -1),
-                                  ds.test_labels, ds.num_classes, np.repeat(ds.mean, 3), np.repeat(ds.std, 3))
-            else:
-                raise _usage(f"{args.dataset} has {ds.image_shape[-1]} channels, {args.init} expects {in_ch}")
-    if args.batch_size > len(ds.train_labels):
-        raise _usage(f"--batch-size {args.batch_size} exceeds the {len(ds.train_labels)} training images")
+        return data.load_digits(size=args.size or 32, channels=in_ch or 1, seed=args.seed, normalize=args.normalize)
+    return data.load_npz(
+        args.dataset,
+        size=args.size,
+        seed=args.seed,
+        num_classes=args.num_classes,
+        channels_first=args.channels_first,
+        channels=in_ch,
+        normalize=args.normalize,
+    )
+
+
+def _fit_head(model, variables, num_classes: int, rng):
+    from flax_resnet import training
 
     if variables is None:
-        model = model.clone(num_classes=ds.num_classes)
-    elif model.num_classes != ds.num_classes:
-        model, variables = training.replace_head(model, variables, ds.num_classes, head_rng)
+        return model.clone(num_classes=num_classes), None
+    if model.num_classes != num_classes:
+        return training.replace_head(model, variables, num_classes, rng)
+    return model, variables
 
-    steps_per_epoch = len(ds.train_labels) // args.batch_size
-    tx = training.make_optimizer(
-        batch_size=args.batch_size,
-        steps_per_epoch=steps_per_epoch,
-        epochs=args.epochs,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        decay_bn_and_bias=not args.no_bn_bias_decay,
+
+def _optimizer(args, steps_per_epoch: int):
+    """``(tx, schedule)``: the paper's SGD under the command's schedule (the schedule also labels the log)."""
+    from flax_resnet import training
+
+    sched = training.make_schedule(
+        args.lr if args.lr is not None else training.paper_lr(args.batch_size),
+        steps_per_epoch,
+        args.epochs,
         warmup_epochs=args.warmup_epochs,
         schedule=args.schedule,
         step_epochs=args.step_epochs_list,
+    )
+    tx = training.make_optimizer(
+        lr=sched,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        decay_bn_and_bias=not args.no_bn_bias_decay,
         freeze_backbone=args.freeze_backbone,
     )
-    mesh = None
-    if args.devices:
-        try:
-            mesh = training.make_mesh(args.devices)
-        except ValueError as e:
-            raise _usage(str(e)) from None
+    return tx, sched
 
-    os.makedirs(args.workdir, exist_ok=True)
+
+def _newest_meta(ckpt) -> tuple[int, dict] | None:
+    """``(epoch, meta)`` of the newest checkpoint whose meta reads; None if none does."""
+    for e in sorted(ckpt.all_epochs(), reverse=True):
+        try:
+            return e, ckpt.read_meta(e)
+        except Exception:  # noqa: BLE001 - a damaged checkpoint; restore() reports it
+            continue
+    return None
+
+
+def _check_run(workdir: str, saved: dict, config: dict) -> None:
+    """Refuses to resume another run (other architecture, data, batch, ...), naming what differs."""
+    other = [f"{_opt(k)} {saved[k]} -> {config[k]}" for k in RUN_KEYS if saved.get(k) is not None and saved[k] != config[k]]
+    if other:
+        raise _usage(
+            f"{workdir} holds another run ({', '.join(other)}): resuming it would not continue that run; "
+            "use --no-resume to start over there, or another --workdir"
+        )
+
+
+def _announce_recipe(workdir: str, saved: dict, config: dict, sched, steps_per_epoch: int, done: int) -> None:
+    """Says in one line what a changed recipe (e.g. more --epochs) does from here on."""
+    changed = [f"{_opt(k)} {saved[k]} -> {config[k]}" for k in RECIPE_KEYS if k in saved and saved[k] != config[k]]
+    if changed and done < config["epochs"]:
+        _say(
+            f"resuming {workdir} after epoch {done} with {', '.join(changed)}: the run continues under the new settings; "
+            f"the {config['schedule']} learning-rate schedule is rebuilt for {config['epochs']} epochs, "
+            f"so epoch {done + 1} starts at lr {float(sched(done * steps_per_epoch)):.3g}"
+        )
+
+
+def _opt(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh):
+    """``(state, finished_epochs)``: restored from the newest checkpoint that restores, or fresh."""
+    import jax
+
+    fresh = lambda: new_state() if mesh is None else _replicated(new_state(), mesh)
+    if args.no_resume or not ckpt.all_epochs():
+        return fresh(), 0
+    newest = _newest_meta(ckpt)
+    if newest is not None:
+        _check_run(args.workdir, newest[1].get("config", {}), config)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    try:
+        # Resuming needs only the state's structure: no weights are initialized.
+        state, meta = ckpt.restore(jax.eval_shape(new_state), sharding=NamedSharding(mesh, PartitionSpec()) if mesh is not None else None)
+    except Exception as e:  # noqa: BLE001 - every checkpoint damaged, or from another model
+        raise _usage(f"cannot resume: {e}; use --no-resume or another --workdir") from None
+    done = int(meta["epoch"])
+    for e, why in ckpt.skipped:
+        _say(f"checkpoint {e} in {ckpt.directory} does not restore ({why}): resuming after epoch {done}; it will be rewritten")
+        ckpt.delete(e)
+    _announce_recipe(args.workdir, meta.get("config", {}), config, sched, steps_per_epoch, done)
+    return state, done
+
+
+def _replicated(state, mesh):
+    from flax_resnet import training
+
+    return training.replicate(state, mesh)
+
+
+def _read_metrics(path: str, upto: int) -> list[dict]:
+    """The records of epochs 1..upto; a line cut short by a crash (the last, unparseable) is dropped."""
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] <= upto:
+                    out.append(r)
+    return out
+
+
+def curves_figure(records: list[dict], title: str | None = None):
+    """Loss and accuracy against epoch (integer ticks): train in one colour, test in another, in both panels."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ep = [r["epoch"] for r in records]
+    colour = {"train": "C0", "test": "C1"}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [r["train_loss"] for r in records], "o-", color=colour["train"], label="train (running)")
+    a1.plot(ep, [r["test_loss"] for r in records], "o-", color=colour["test"], label="test")
+    a1.set_ylabel("cross-entropy")
+    a1.set_yscale("log")
+    a2.plot(ep, [100 * r["train_accuracy"] for r in records], "o-", color=colour["train"], label="train (running)")
+    a2.plot(ep, [100 * r["test_accuracy"] for r in records], "o-", color=colour["test"], label="test")
+    a2.set_ylabel("accuracy (%)")
+    for ax in (a1, a2):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(records: list[dict], path: str, title: str | None = None) -> None:
+    """``curves_figure`` written to ``path`` as a PNG (atomically: temp file, then rename)."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(records, title)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the epoch loop needs."""
+
+    args: Any
+    model: Any
+    ds: Any
+    state: Any
+    sched: Any
+    mesh: Any
+    ckpt: Any
+    config: dict
+    steps_per_epoch: int
+    main: bool
+
+
+def _train(run: _Run, start_epoch: int, records: list[dict]) -> None:
+    """Epochs ``start_epoch + 1 .. --epochs``: train, evaluate, checkpoint, log, plot."""
+    from flax_resnet import training
+
+    args = run.args
     metrics_path = os.path.join(args.workdir, "metrics.jsonl")
-    plot_path = os.path.join(args.workdir, "curves.png")
-    ckpt = training.Checkpointer(os.path.join(args.workdir, "checkpoints"), max_to_keep=args.keep_checkpoints)
-    resume = not args.no_resume and ckpt.latest_epoch() is not None
-
-    def new_state():
-        return training.create_train_state(
-            model,
-            variables if variables is not None else init_rng,
-            tx,
-            input_shape=(1,) + ds.image_shape,
-            frozen_backbone=args.freeze_backbone,
-        )
-
-    # Resuming needs only the state's structure: skip initializing weights.
-    state = jax.eval_shape(new_state) if resume else new_state()
-    if mesh is not None and not resume:
-        state = training.replicate(state, mesh)
-    config = {
-        "arch": model.spec.name,
-        "dataset": ds.name,
-        "batch_size": args.batch_size,
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "dtype": args.dtype,
-    }
-    start_epoch = 0
-    if resume:
-        try:
-            from jax.sharding import NamedSharding, PartitionSpec
-
-            state, meta = ckpt.restore(state, sharding=NamedSharding(mesh, PartitionSpec()) if mesh is not None else None)
-        except Exception as e:  # noqa: BLE001 - a mismatched workdir is a usage error
-            raise _usage(f"cannot resume from {ckpt.directory} ({type(e).__name__}); use --no-resume or another --workdir") from None
-        diff = {k: (meta.get("config", {}).get(k), v) for k, v in config.items() if meta.get("config", {}).get(k) not in (None, v) and k != "epochs"}
-        if diff:
-            raise _usage(f"{ckpt.directory} was written with other settings {diff}; use --no-resume or another --workdir")
-        start_epoch = int(meta["epoch"])
-    records = _read_metrics(metrics_path, start_epoch) if start_epoch else []
-    if main:
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-
-    n_dev = mesh.devices.size if mesh is not None else 1
-    if main:
-        print(
-            f"{model.spec.name} ({sum(x.size for x in jax.tree.leaves(state.params)):,} params, {args.dtype}) on {ds!r}; "
-            f"{n_dev} {jax.devices()[0].platform} device(s), batch {args.batch_size}, "
-            f"lr {args.lr if args.lr is not None else training.paper_lr(args.batch_size):g}, "
-            f"{steps_per_epoch} steps/epoch" + (f"; resuming after epoch {start_epoch}" if start_epoch else ""),
-            file=sys.stderr,
-        )
-
-    show = main and (args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
+    show = run.main and (args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
     eval_bs = args.eval_batch_size or max(args.batch_size, 128)
     t_run = time.perf_counter()
+    if run.main and start_epoch < args.epochs:
+        _say("compiling the train step (the first step of the first epoch includes it)...")
     for epoch in range(start_epoch, args.epochs):
         bar = None
         if show:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, file=sys.stderr)
+            bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, file=sys.stderr)
+        first_step = {}
+        t0 = time.perf_counter()
 
         def progress(step, m, bar=bar):
+            if step == 1:
+                first_step["s"] = time.perf_counter() - t0
             if bar is not None:
                 bar.update(1)
-                if step % 5 == 0 or step == steps_per_epoch:
+                if step % 5 == 0 or step == run.steps_per_epoch:
                     bar.set_postfix(loss=f"{float(m['loss']):.4f}")
 
         state, tm = training.train_epoch(
-            state,
-            ds.train_images,
-            ds.train_labels,
+            run.state,
+            run.ds.train_images,
+            run.ds.train_labels,
             args.batch_size,
             epoch=epoch,
             seed=args.seed,
             max_shift=args.max_shift,
             label_smoothing=args.label_smoothing,
-            mesh=mesh,
+            mesh=run.mesh,
             progress=progress,
         )
+        run.state = state
         if bar is not None:
             bar.close()
-        ev = training.evaluate(state, ds.test_images, ds.test_labels, eval_bs, mesh)
+        ev = training.evaluate(state, run.ds.test_images, run.ds.test_labels, eval_bs, run.mesh)
         record = {
             "epoch": epoch + 1,
             "train_loss": tm["train_loss"],
@@ -324,51 +422,89 @@ def run(args: argparse.Namespace) -> int:
             "test_loss": ev["loss"],
             "test_accuracy": ev["accuracy"],
             "images_per_sec": tm["images_per_sec"],
-            "lr": float(tx_lr(args, steps_per_epoch, epoch)),
+            "lr": float(run.sched((epoch + 1) * run.steps_per_epoch - 1)),
             "epoch_seconds": tm["seconds"],
             "elapsed_seconds": time.perf_counter() - t_run,
         }
         records.append(record)
         # Asynchronous: Orbax writes while the next epoch trains (close() waits).
-        ckpt.save(epoch + 1, state, {"config": config, "test_accuracy": ev["accuracy"]}, wait=False)
-        if main:
+        run.ckpt.save(epoch + 1, state, {"config": run.config, "test_accuracy": ev["accuracy"]}, wait=False)
+        if run.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            plot_curves(records, plot_path, f"{model.spec.name} on {ds.name} (batch {args.batch_size}, {args.dtype})")
-            print(
+            plot_curves(records, os.path.join(args.workdir, "curves.png"), f"{run.config['arch']} on {run.ds.name} (batch {args.batch_size}, {args.dtype})")
+            compiling = f" ({first_step['s']:.1f}s of it the first step, compiling)" if epoch == start_epoch and "s" in first_step else ""
+            _say(
                 f"epoch {epoch + 1}/{args.epochs}: train loss {tm['train_loss']:.4f}, test loss {ev['loss']:.4f}, "
-                f"test acc {100 * ev['accuracy']:.2f}%, {tm['images_per_sec']:.1f} img/s, {tm['seconds']:.1f}s",
-                file=sys.stderr,
-                flush=True,
+                f"test acc {100 * ev['accuracy']:.2f}%, {tm['images_per_sec']:.1f} img/s, {tm['seconds']:.1f}s{compiling}"
             )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``flax-resnet train``: validate, start JAX, model, data, head, optimizer, resume, train, summarize."""
+    _validate(args)
+    main = _start_jax(args)
+
+    import jax
+    import jax.numpy as jnp
+
+    from flax_resnet import training
+
+    dtype = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
+    init_rng, head_rng = jax.random.split(jax.random.key(args.seed))
+    model, variables, in_ch = _build_model(args, dtype)
+    ds = _load_data(args, in_ch)
+    if args.batch_size > len(ds.train_labels):
+        raise _usage(f"--batch-size {args.batch_size} exceeds the {len(ds.train_labels)} training images")
+    model, variables = _fit_head(model, variables, ds.num_classes, head_rng)
+    if args.workdir is None:
+        args.workdir = os.path.join("runs", f"{model.spec.name}-{ds.name}")
+        if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+            raise _usage(f"{args.workdir} exists and is not a directory; pass --workdir")
+    steps_per_epoch = len(ds.train_labels) // args.batch_size
+    tx, sched = _optimizer(args, steps_per_epoch)
+    mesh = None
+    if args.devices:
+        try:
+            mesh = training.make_mesh(args.devices)
+        except ValueError as e:
+            raise _usage(str(e)) from None
+
+    def new_state():
+        return training.create_train_state(
+            model, variables if variables is not None else init_rng, tx, input_shape=(1,) + ds.image_shape, frozen_backbone=args.freeze_backbone
+        )
+
+    config = {"arch": model.spec.name, "dataset": ds.name, "num_classes": ds.num_classes, "normalize": args.normalize,
+              "channels_first": args.channels_first, "size": args.size}
+    config.update({k: getattr(args, k) for k in ("batch_size", "seed", "dtype") + RECIPE_KEYS})
+    os.makedirs(args.workdir, exist_ok=True)
+    ckpt = training.Checkpointer(os.path.join(args.workdir, "checkpoints"), max_to_keep=args.keep_checkpoints)
+    state, start_epoch = _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh)
+    metrics_path = os.path.join(args.workdir, "metrics.jsonl")
+    records = _read_metrics(metrics_path, start_epoch)
+    if main:
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        n_dev = mesh.devices.size if mesh is not None else 1
+        resumed = f"; resuming after epoch {start_epoch}" if start_epoch else ""
+        _say(
+            f"{model.spec.name} ({sum(x.size for x in jax.tree.leaves(state.params)):,} params, {args.dtype}) on {ds!r}; "
+            f"{n_dev} {jax.devices()[0].platform} device(s), batch {args.batch_size}, lr {float(sched(0)):.3g} at step 1 "
+            f"(peak {args.lr if args.lr is not None else training.paper_lr(args.batch_size):g}, {args.schedule}), "
+            f"{steps_per_epoch} steps/epoch; writing {args.workdir}{resumed}"
+        )
+    t_run = time.perf_counter()
+    _train(_Run(args, model, ds, state, sched, mesh, ckpt, config, steps_per_epoch, main), start_epoch, records)
     ckpt.close()
     if main and records:
         last = records[-1]
-        print(
-            json.dumps(
-                {
-                    "workdir": args.workdir,
-                    "epochs": last["epoch"],
-                    "test_accuracy": last["test_accuracy"],
-                    "best_test_accuracy": max(r["test_accuracy"] for r in records),
-                    "train_seconds": round(time.perf_counter() - t_run, 1),
-                }
-            )
-        )
+        summary = {
+            "workdir": args.workdir,
+            "epochs": last["epoch"],
+            "test_accuracy": last["test_accuracy"],
+            "best_test_accuracy": max(r["test_accuracy"] for r in records),
+            "train_seconds": round(time.perf_counter() - t_run, 1),
+        }
+        print(json.dumps(summary))
     return 0
-
-
-def tx_lr(args, steps_per_epoch: int, epoch: int) -> float:
-    """The learning rate at the last step of ``epoch`` (for the log)."""
-    from flax_resnet import training
-
-    peak = args.lr if args.lr is not None else training.paper_lr(args.batch_size)
-    sched = training.make_schedule(
-        peak,
-        steps_per_epoch,
-        args.epochs,
-        warmup_epochs=args.warmup_epochs,
-        schedule=args.schedule,
-        step_epochs=args.step_epochs_list,
-    )
-    return float(sched((epoch + 1) * steps_per_epoch - 1))

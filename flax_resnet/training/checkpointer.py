@@ -34,7 +34,8 @@ def _reason(exc: BaseException) -> str:
     """One line for an Orbax failure: the innermost cause's type and first line."""
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    first = (str(exc).strip().splitlines() or [""])[0]
+    first = first if len(first) <= 160 else first[:157] + "..."
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
@@ -87,6 +88,10 @@ class Checkpointer:
 
     def all_epochs(self) -> list[int]:
         return list(self.manager.all_steps())
+
+    def delete(self, epoch: int) -> None:
+        """Removes checkpoint ``epoch`` (e.g. a damaged one ``restore`` skipped, before it is written again)."""
+        self.manager.delete(int(epoch))
 
     def read_meta(self, epoch: int | None = None) -> dict:
         """The JSON ``meta`` of checkpoint ``epoch`` (default: the latest), without reading any array."""
