@@ -1,4 +1,4 @@
-"""Speed options that keep the numbers: BatchNorm folding and 1x1 convs as dots.
+"""Speed forms that keep the numbers: BatchNorm folding and the CPU conv kernels.
 
 Both are checked in float64 against the plain model, to 1e-12 of each
 output's magnitude (folding and the dot change rounding only).
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import flax_resnet
-from flax_resnet import inference
+from flax_resnet import inference, kernels
 from flax_resnet.convert import ConversionError, from_torch, stack_blocks
 from parity.fixtures import reference_model
 
@@ -36,11 +36,11 @@ def test_folded_model_matches_eval(r50):
         model, v = from_torch(sd)
         want = jax.jit(lambda v, x: model.apply(v, x, method="features"))(v, x)
         fmodel, fv = inference.fold(model, v)
-        assert fmodel.fold_bn and set(fv) == {"params"}
+        assert isinstance(fmodel, inference.FoldedResNet) and set(fv) == {"params"}
         p = fv["params"]
         assert "bn1" not in p and "bn2" not in p["layer2"]["0"] and "1" not in p["layer2"]["0"]["downsample"]
         assert p["layer2"]["0"]["conv2"]["bias"].shape == (128,) and p["layer2"]["0"]["downsample"]["0"]["bias"].shape == (512,)
-        # The folded tree is exactly the tree of ResNet(fold_bn=True).
+        # The folded tree is exactly the tree of the folded model.
         shapes = jax.eval_shape(lambda: fmodel.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float64)))
         assert jax.tree_util.tree_map(np.shape, fv) == jax.tree_util.tree_map(lambda a: a.shape, dict(shapes))
         got = jax.jit(lambda v, x: fmodel.apply(v, x, method="features"))(fv, x)
@@ -79,33 +79,50 @@ def test_fold_refuses_missing_statistics(r50):
         inference.fold_batchnorm({"params": v["params"], "batch_stats": stats})
 
 
-def test_conv_as_dot_same_numbers(r50):
+def test_cpu_kernels_same_numbers_as_plain_convs(r50):
+    """The CPU default (1x1 convs as dots) against plain XLA convs everywhere (kernels.use_plain)."""
     sd, x = r50
     with jax.enable_x64(True):
         model, v = from_torch(sd)
-        dmodel = model.clone(conv_as_dot=True)
-        hlo = jax.jit(dmodel.apply).lower(v, x).as_text()
-        assert hlo.count("stablehlo.convolution") == 17  # stem + the 16 3x3 convs; 36 1x1 convs are dots
+        fast = jax.jit(lambda v, x, train: model.apply(v, x, train=train, mutable=["batch_stats"]), static_argnums=2)
+        with kernels.use_plain():  # a fresh function: jit caches traces per function
+            plain = jax.jit(lambda v, x, train: model.apply(v, x, train=train, mutable=["batch_stats"]), static_argnums=2)
+            plain_hlo = plain.lower(v, x, False).as_text()
+        assert plain_hlo.count("stablehlo.convolution") == 53
+        assert fast.lower(v, x, False).as_text().count("stablehlo.convolution") == 17  # stem + 16 3x3; 36 1x1 convs are dots
         # train mode normalizes with batch statistics of 2 samples at layer4 (1x1), which
         # amplifies rounding differences: the parity harness's float64 train tolerance, 1e-9.
         for train, tol in ((False, TOL), (True, 1e-9)):
-            f = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=train, mutable=["batch_stats"]))(v, x)
-            (want, ws), (got, gs) = f(model), f(dmodel)
+            (want, ws), (got, gs) = plain(v, x, train), fast(v, x, train)
             assert _rel(got, want) <= tol
             for a, b in zip(jax.tree_util.tree_leaves(gs), jax.tree_util.tree_leaves(ws)):
                 assert _rel(a, b) <= tol
 
 
-def test_conv_as_dot_bfloat16_runs_close_to_float32():
+def test_bfloat16_runs_close_to_float32():
     tm = reference_model("resnet18", calibrate_size=32)
     model, v = from_torch(tm.state_dict())
     x = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
     want = jax.jit(model.apply)(v, x)
-    got = jax.jit(model.clone(conv_as_dot=True, dtype=jnp.bfloat16).apply)(v, x)
+    got = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(v, x)
     assert got.dtype == jnp.float32 and _rel(got, want) < 5e-2
-    # 1x1 stride-2 projections: the strided slice picks the conv's sampling points.
-    feats = jax.jit(lambda v, x: model.clone(conv_as_dot=True).apply(v, x, method="features"))(v, x)
-    assert _rel(feats["layer4"], jax.jit(lambda v, x: model.apply(v, x, method="features"))(v, x)["layer4"]) < 1e-5
+    # 1x1 stride-2 projections as dots: the strided slice picks the conv's sampling points.
+    with kernels.use_plain():
+        want = jax.jit(lambda v, x: model.apply(v, x, method="features"))(v, x)
+    feats = jax.jit(lambda v, x: model.apply(v, x, method="features"))(v, x)
+    assert _rel(feats["layer4"], want["layer4"]) < 1e-5
+
+
+def test_predict_fn_chunks_a_batch_that_is_not_a_multiple(r50):
+    sd, _ = r50
+    model, v = from_torch(sd, param_dtype=np.float32)
+    x = np.random.default_rng(3).normal(size=(5, 32, 32, 3)).astype(np.float32)
+    want = jax.jit(model.apply)(v, x)
+    got = inference.predict_fn(model, chunk=2)(v, x)
+    assert got.shape == (5, 1000)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    feats = inference.predict_fn(model, chunk=3, method="features")(v, x)
+    assert feats["pre_logits"].shape == (5, 2048)
 
 
 def test_stack_then_fold_equals_fold_then_stack(r50):

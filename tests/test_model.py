@@ -8,6 +8,8 @@ import torch
 
 import flax_resnet
 from flax_resnet import ARCHS, PARAM_COUNTS, BatchNorm
+from flax_resnet.archs import stem_convs
+from flax_resnet.model import _conv
 
 
 def _count(tree):
@@ -86,7 +88,8 @@ def test_stride_two_padding_is_symmetric_like_torch():
     x[0, 0, 0] = 1.0  # only the top-left pixel is lit
     v = jax.jit(model.init)(jax.random.key(0), x)
     k = np.asarray(v["params"]["conv1"]["kernel"])
-    conv = model.apply(v, x, method=lambda m, x: m.conv1(x))  # one conv: eager is cheap
+    stem = _conv(model.conv_def(), stem_convs(model.spec, 3)[0], "conv1")  # the model's own stem conv
+    conv = stem.apply({"params": v["params"]["conv1"]}, x)
     # Output (0, 0) of a 7x7/2 conv with pad 3 sees input (0, 0) at kernel tap (3, 3).
     np.testing.assert_allclose(np.asarray(conv)[0, 0, 0], k[3, 3].sum(0), rtol=1e-6)
 
@@ -106,11 +109,11 @@ def test_features_and_train_keyword():
 @pytest.mark.parametrize("stride,groups", [(1, 32), (2, 4)])
 def test_grouped_conv_gradients_equal_lax(stride, groups):
     """ResNeXt's grouped convs: custom kernel gradient (batched matmuls) == JAX's conv transpose."""
-    from flax_resnet.model import _NHWC, _conv_fn
+    from flax_resnet.kernels import _NHWC, conv_general_dilated
 
     rng = np.random.default_rng(0)
     args = ((stride, stride), ((1, 1), (1, 1)))
-    ours = lambda x, w: _conv_fn(False, False)(x, w, *args, dimension_numbers=_NHWC, feature_group_count=groups)  # noqa: E731
+    ours = lambda x, w: conv_general_dilated(x, w, *args, dimension_numbers=_NHWC, feature_group_count=groups)  # noqa: E731
     lax = lambda x, w: jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)  # noqa: E731
     with jax.enable_x64(True):
         x = jnp.asarray(rng.standard_normal((3, 9, 9, 64)))
