@@ -16,12 +16,13 @@ competed for the CPU are flagged with * in the table.
 Sections (``--sections``):
 
 * ``eval``: forward img/s, Flax ``jit`` (and the BatchNorm-folded inference
-  model, ``flax_resnet.inference.fold``) against torch eager NCHW and
+  model, ``flax_resnet.inference.fast_eval_model``) against torch eager NCHW and
   channels_last, and ``torch.compile``; ratio against torch's best eager
   layout.
 * ``train``: train step img/s (forward, backward, SGD momentum update,
-  BatchNorm statistics), Flax ``jit`` with donated buffers against torch
-  eager and ``torch.compile``.
+  BatchNorm statistics): the library's ``training.train_step_fn`` under
+  ``jit`` with donated buffers (default kernels, and plain XLA convs)
+  against torch eager and ``torch.compile``.
 * ``compile``: lower and compile time and first-call latency, unrolled vs
   ``scan_blocks=True``, eval and train step.
 * ``construct``: a ResNet with converted weights ready to run (from a torch
@@ -158,6 +159,7 @@ def _round_robin(fns: dict, repeats: int, budget_s: float | None, batch: int) ->
 
 
 def _flax_model(arch: str, dtype: str, variant: str, kind: str):
+    """The default model with converted weights; eval ``fast``: BatchNorm folded (``inference.fast_eval_model``)."""
     import jax
     import jax.numpy as jnp
 
@@ -168,11 +170,8 @@ def _flax_model(arch: str, dtype: str, variant: str, kind: str):
     model, variables = flax_resnet.from_torch(sd, scan_blocks="scan" in variant, remat="remat" in variant)
     if dtype == "bf16":
         model = model.clone(dtype=jnp.bfloat16)
-    if "fast" in variant:
-        if kind == "eval":
-            model, variables = inference.fast_eval_model(model, variables)
-        else:
-            model = model.clone(conv_as_dot=True)
+    if "fast" in variant and kind == "eval":
+        model, variables = inference.fast_eval_model(model, variables)
     return model, jax.device_put(variables)
 
 
@@ -183,7 +182,7 @@ def _compiler_options(task):
 
 
 def worker_flax_eval(task):
-    """Flax eval forward, one or more variants (``jit``: the plain model; ``fast``: folded, dots, chunked)."""
+    """Flax eval forward, one or more variants (``jit``: the default model; ``fast``: BN folded, chunked)."""
     import jax
 
     from flax_resnet import inference
@@ -206,10 +205,16 @@ def worker_flax_eval(task):
 
 
 def worker_flax_train(task):
-    """Flax train step: the library's ``training.train_step_fn`` under jit with the state donated; variants ``jit``, ``fast``."""
+    """The library's train step (``training.train_step_fn``) under jit, state donated; variants ``jit`` and ``plain``.
+
+    ``jit``: the default model (on CPU, ``flax_resnet.kernels``' CPU forms);
+    ``plain``: traced under ``kernels.use_plain()``, every conv a plain XLA conv.
+    """
+    import contextlib
+
     import jax
 
-    from flax_resnet import training
+    from flax_resnet import kernels, training
 
     x, labels = _images(task["batch"], nhwc=True)
     x, labels = jax.device_put(x), jax.device_put(labels)
@@ -218,9 +223,14 @@ def worker_flax_train(task):
     for variant in task["variants"]:
         model, variables = _flax_model(task["arch"], task["dtype"], variant, "train")
         state = [training.create_train_state(model, variables, tx)]
-        f = jax.jit(training.train_step_fn, static_argnums=3, donate_argnums=0, compiler_options=_compiler_options(task))
+
+        def step(state, x, y):  # a fresh function per variant: kernels are chosen when it is traced
+            return training.train_step_fn(state, x, y)
+
+        f = jax.jit(step, donate_argnums=0, compiler_options=_compiler_options(task))
         t0 = time.perf_counter()
-        compiled = f.lower(state[0], x, labels, 0.0).compile()
+        with kernels.use_plain() if variant == "plain" else contextlib.nullcontext():
+            compiled = f.lower(state[0], x, labels).compile()
         compile_s[variant] = time.perf_counter() - t0
 
         def run(c=compiled, state=state):
@@ -588,13 +598,14 @@ def _speed_rows(r: Runner, args, section: str, batches: list[int]) -> list[list[
                 else:
                     rep, budget = (args.repeats, args.budget) if batch > 1 else (max(args.repeats, 10), None)
                 base = dict(arch=arch, dtype=dtype, batch=batch, repeats=rep, budget_s=budget)
-                fl = r.run(section, row, "flax", dict(base, kind=f"flax_{section}", variants=["jit", "fast"], chunk=args.chunk, xla_opts=args.xla_opts))
+                other = "fast" if section == "eval" else "plain"
+                fl = r.run(section, row, "flax", dict(base, kind=f"flax_{section}", variants=["jit", other], chunk=args.chunk, xla_opts=args.xla_opts))
                 to = r.run(section, row, "torch", dict(base, kind=f"torch_{section}", variants=["nchw", "cl"]))
                 tc = None
                 if arch in args.compile_archs and batch > 1 and (section == "eval" or (args.train_compile and dtype == "fp32")):
                     tc = r.run(section, row, "torch_compile", dict(base, kind=f"torch_{section}", variants=["compile"]), timeout=1800)
                 speed = lambda res, k: (_variant(res, k) or {}).get("img_s")
-                f, fa = speed(fl, "jit"), speed(fl, "fast")
+                f, fa = speed(fl, "jit"), speed(fl, other)
                 nchw, cl, comp = speed(to, "nchw"), speed(to, "cl"), speed(tc, "compile")
                 best = max([v for v in (nchw, cl) if v], default=None)
                 ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
@@ -610,13 +621,15 @@ def _speed_rows(r: Runner, args, section: str, batches: list[int]) -> list[list[
 
 
 SPEED_HEAD = ["arch", "dtype", "batch", "Flax jit", "Flax fast", "torch NCHW", "torch CL", "torch.compile", "Flax/torch", "fast/torch", "fast/compile", "RSS MiB Flax/torch/compile"]
+# Train: the second Flax column is the escape hatch (every conv a plain XLA conv), for comparison with the default.
+TRAIN_HEAD = [h.replace("Flax fast", "Flax plain XLA").replace("fast/", "plain/") for h in SPEED_HEAD]
 
 
 def section_eval(r: Runner, args) -> str:
     rows = _speed_rows(r, args, "eval", args.batches)
     note = (
-        f"Flax jit = `jax.jit(model.apply)` of the default model. Flax fast = `inference.fast_eval_model` (BN folded into the convs, "
-        f"1x1 convs as dots) run by `inference.predict_fn(chunk={args.chunk})`. torch.compile runs channels_last. "
+        f"Flax jit = `jax.jit(model.apply)` of the default model. Flax fast = `inference.fast_eval_model` (BN folded into the convs) "
+        f"run by `inference.predict_fn(chunk={args.chunk})`. torch.compile runs channels_last. "
         "Ratios are against torch's best eager layout (and torch.compile). RSS: Flax process (both variants) / torch eager process (both layouts) / torch.compile process."
     )
     return "### Eval forward (img/s, higher is better)\n\n" + note + "\n\n" + markdown_table(SPEED_HEAD, [r_[: len(SPEED_HEAD)] for r_ in rows]) + _errors(rows)
@@ -626,9 +639,10 @@ def section_train(r: Runner, args) -> str:
     rows = _speed_rows(r, args, "train", args.train_batches)
     note = (
         "One step = forward in train mode (batch statistics), cross-entropy, backward, SGD momentum update, BN running stats. "
-        "Flax: the whole step under `jax.jit` with donated buffers; Flax fast = `ResNet(conv_as_dot=True)`. torch: eager (and torch.compile of the model)."
+        "Flax: the library's `training.train_step_fn` under `jax.jit` with the state donated (Flax jit: the default model, on CPU "
+        "with `flax_resnet.kernels`' CPU forms; Flax plain XLA: traced under `kernels.use_plain()`). torch: eager (and torch.compile of the model)."
     )
-    return "### Train step (img/s, higher is better)\n\n" + note + "\n\n" + markdown_table(SPEED_HEAD, [r_[: len(SPEED_HEAD)] for r_ in rows]) + _errors(rows)
+    return "### Train step (img/s, higher is better)\n\n" + note + "\n\n" + markdown_table(TRAIN_HEAD, [r_[: len(TRAIN_HEAD)] for r_ in rows]) + _errors(rows)
 
 
 def _errors(rows) -> str:
