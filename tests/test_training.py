@@ -113,6 +113,29 @@ def test_optimizer_equals_torch_sgd(decay_bn_and_bias, nesterov, schedule):
             np.testing.assert_allclose(np.asarray(params[n[0]][n[1]]), tp[n].detach().numpy(), rtol=1e-12, atol=1e-12)
 
 
+def test_torch_sgd_equals_torch_optim_sgd():
+    """``torch_sgd(lr, momentum, weight_decay)``, the harness's optimizer, against ``torch.optim.SGD`` over 4 steps."""
+    import torch
+
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, _toy_params())
+        targets = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(3).normal(size=x.shape)), params)
+        names = [("conv1", "kernel"), ("bn1", "scale"), ("bn1", "bias"), ("fc", "kernel"), ("fc", "bias")]
+        tp = {n: torch.tensor(np.asarray(params[n[0]][n[1]]), requires_grad=True) for n in names}
+        opt = torch.optim.SGD(list(tp.values()), lr=0.1, momentum=0.9, weight_decay=1e-2)
+        tx = training.torch_sgd(0.1, 0.9, 1e-2)
+        state, grad = tx.init(params), jax.grad(_toy_loss)
+        for _ in range(4):
+            g = grad(params, targets)
+            updates, state = tx.update(g, state, params)
+            params = optax.apply_updates(params, updates)
+            for n in names:
+                tp[n].grad = torch.tensor(np.asarray(g[n[0]][n[1]]))
+            opt.step()
+        for n in names:
+            np.testing.assert_allclose(np.asarray(params[n[0]][n[1]]), tp[n].detach().numpy(), rtol=1e-13, atol=1e-13)
+
+
 def test_schedule_shapes():
     s = training.make_schedule(1.0, steps_per_epoch=10, epochs=10, warmup_epochs=2)
     assert [float(s(k)) for k in (0, 9, 19, 20)] == pytest.approx([0.05, 0.5, 1.0, 1.0])
@@ -225,6 +248,17 @@ def test_train_step_updates_params_and_torch_bn_stats(tiny):
     assert ev["count"] == 12
     assert ev["loss"] == pytest.approx((float(a["loss"]) + float(b["loss"])) / 12, rel=1e-5)
     assert ev["accuracy"] == pytest.approx((float(a["correct"]) + float(b["correct"])) / 12)
+
+
+def test_train_step_fn_under_a_callers_jit_is_train_step(tiny):
+    """The pure step jitted with donation (as the benchmarks and the parity harness do) gives train_step's result."""
+    model, variables, tx, images, labels = tiny
+    state = training.create_train_state(model, variables, tx)
+    ref, m_ref = training.train_step(state, images[:8], labels[:8], label_smoothing=0.1)
+    own = jax.jit(training.train_step_fn, static_argnums=3, donate_argnums=0)
+    new, m = own(training.create_train_state(model, jax.tree.map(jnp.array, variables), tx), images[:8], labels[:8], 0.1)
+    _assert_trees_equal((new.params, new.batch_stats, new.opt_state, new.step), (ref.params, ref.batch_stats, ref.opt_state, ref.step))
+    assert float(m["loss"]) == float(m_ref["loss"])
 
 
 def test_bfloat16_step_keeps_float32_params_and_stats(tiny):
