@@ -24,7 +24,8 @@ Modules, one concern each:
 * ``checkpointer``: ``Checkpointer``, Orbax checkpoints of the whole state;
   data order depends only on ``(seed, epoch)`` (``flax_resnet.data.batches``),
   so a resumed run continues exactly as the uninterrupted one.
-* ``loops``: ``train_epoch`` and ``evaluate``.
+* ``loops``: ``train_epoch`` and ``evaluate``, on ``run_epoch`` /
+  ``run_eval``, which drive any front end's step (the NNX one too).
 * ``finetune``: ``replace_head`` and ``load_pretrained``.
 """
 
@@ -38,7 +39,7 @@ from flax_resnet.training.devices import (
     shard_batch,
 )
 from flax_resnet.training.finetune import load_pretrained, replace_head
-from flax_resnet.training.loops import evaluate, train_epoch
+from flax_resnet.training.loops import evaluate, run_epoch, run_eval, train_epoch
 from flax_resnet.training.optim import decay_mask, make_optimizer, make_schedule, paper_lr, torch_sgd
 from flax_resnet.training.state import TrainState, create_train_state, cross_entropy, eval_step, train_step, train_step_fn
 
@@ -56,6 +57,8 @@ __all__ = [
     "eval_step",
     "train_epoch",
     "evaluate",
+    "run_epoch",
+    "run_eval",
     "replace_head",
     "load_pretrained",
     "make_mesh",
