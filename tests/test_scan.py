@@ -139,7 +139,8 @@ def test_scanned_init_and_default_stays_unrolled():
     assert sorted(jax.eval_shape(lambda: d.init(jax.random.key(0), x))["params"]["layer1"]) == ["0", "1"]
     # Each scanned block gets its own initialization (split rngs): one stage, small input.
     specs = tuple(b for b in flax_resnet.archs.blocks(flax_resnet.get_arch("resnet50")) if b.stage == 1)
-    stage = flax_resnet.model.Stage(specs=specs, scan_blocks=True)
+    r = flax_resnet.ResNet()
+    stage = flax_resnet.model.Stage(specs=specs, conv=r.conv_def(), norm=r.norm_def(), scan_blocks=True)
     v = jax.jit(stage.init)(jax.random.key(0), jnp.ones((1, 4, 4, 64)))
     k = np.asarray(v["params"]["rest"]["conv2"]["kernel"])
     assert k.shape == (2, 3, 3, 64, 64) and not np.array_equal(k[0], k[1])
