@@ -68,7 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--arch",
         default="auto",
-        choices=("auto", *ARCHS),
         metavar="ARCH",
         help=f"architecture the file must hold: auto (infer it from keys and shapes) or one of {', '.join(ARCHS)}",
     )
