@@ -62,16 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT; writers leave nothing behind
         print(f"flax-resnet {args.command}: interrupted", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT; writers leave nothing behind
-        print(f"flax-resnet {args.command}: interrupted", file=sys.stderr)
-        return 130
     except ModuleNotFoundError as e:  # an optional dependency; the project's own modules are bugs
         if (e.name or "").split(".")[0] in ("flax_resnet", "parity", "torch_ref"):
             raise
         if e.name == "torch":
             msg = f"this needs PyTorch: {TORCH_INSTALL} (the CPU wheel the project is tested with)"
         elif str(e).startswith("No module named"):
-            msg = f"this needs the {e.name} package: pip install {e.name}"
+            msg = f"this needs the {e.name} module, which is not installed"
         else:  # our own messages say what to install
             msg = " ".join(str(e).split())
         print(f"flax-resnet {args.command}: error: {msg}", file=sys.stderr)
