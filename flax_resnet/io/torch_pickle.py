@@ -176,6 +176,9 @@ def torch_load(p: Path) -> Any:
             ) from None
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         detail = next((ln for ln in reversed(lines) if not ln.startswith("Check the documentation")), text)
+        refused = re.search(r"refused .*", detail)
+        if refused:  # one of the numpy stand-ins said no
+            raise CheckpointError(f"{p}: {one_line(refused.group(0), 160)}; nothing in the file was executed") from None
         raise CheckpointError(
             f"{p}: corrupt or unsupported PyTorch file, refused by torch.load(weights_only=True) "
             f"({one_line(detail, 160)}); nothing in the file was executed"
