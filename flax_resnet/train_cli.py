@@ -74,7 +74,7 @@ def register(subparsers) -> None:
     g.add_argument("--no-zero-init-residual", action="store_true", help="don't zero the last BN scale of each block")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of init, data order and augmentation")
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: the larger of the batch size and 128")
-    p.add_argument("--no-resume", action="store_true", help="start over even if WORKDIR has checkpoints")
+    p.add_argument("--no-resume", action="store_true", help="start over even if WORKDIR has checkpoints (they are removed)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many epoch checkpoints to keep")
     p.add_argument("--progress", default="auto", choices=("auto", "on", "off"), help="progress bar (auto: on a terminal)")
     p.add_argument("--no-cpu-workaround", action="store_true", help="keep XLA's algsimp pass on CPU (it slows small convs ~3x)")
@@ -274,7 +274,12 @@ def _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh):
     import jax
 
     fresh = lambda: new_state() if mesh is None else _replicated(new_state(), mesh)
-    if args.no_resume or not ckpt.all_epochs():
+    if not ckpt.all_epochs():
+        return fresh(), 0
+    if args.no_resume:
+        _say(f"--no-resume: starting over in {args.workdir}; its checkpoints of epochs {', '.join(map(str, ckpt.all_epochs()))} are removed")
+        for e in ckpt.all_epochs():
+            ckpt.delete(e)
         return fresh(), 0
     newest = _newest_meta(ckpt)
     if newest is not None:

@@ -179,6 +179,8 @@ def _case(name):
         return dict(images=np.zeros((0, 8, 8), np.uint8), labels=labels[:0]), [], "images holds no images"
     if name == "complex":
         return dict(images=images.astype(np.complex64), labels=labels), [], "images must hold integers or floats, got dtype complex64"
+    if name == "num_classes_too_large":
+        return dict(images=images, labels=labels), ["--num-classes", "2000000"], "num_classes must be between 1 and 1,000,000, got 2000000"
     if name == "missing_labels":
         return dict(images=images, y=labels), [], "lacks array(s) labels"
     raise AssertionError(name)
@@ -186,7 +188,7 @@ def _case(name):
 
 BAD = ["nan", "inf", "beyond_float32", "test_nan", "label_wraps_int32", "label_2_31", "stray_label", "stray_label_num_classes",
        "test_label_out_of_range", "negative_label", "float_labels", "label_count", "nchw", "nhwc_with_channels_first", "zero_size",
-       "no_images", "complex", "missing_labels", "npy", "bomb", "forged_header", "not_a_zip"]
+       "no_images", "complex", "num_classes_too_large", "missing_labels", "npy", "bomb", "forged_header", "not_a_zip"]
 
 
 def _write_bad(name, tmp_path):

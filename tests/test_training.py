@@ -448,11 +448,23 @@ def test_cli_run_resume_fallback_and_changed_settings(tmp_path, capsys, monkeypa
             f"settings; the cosine learning-rate schedule is rebuilt for 3 epochs, so epoch 3 starts at lr {lr_next:.3g}") in err
     assert [r["epoch"] for r in _records(work / "metrics.jsonl")] == [1, 2, 3]
 
+    # --no-resume starts over: the old checkpoints go, epoch 1 is written again.
+    rc, out, err = train(1, "--no-resume")
+    assert rc == 0, err
+    assert "--no-resume: starting over in" in err and "checkpoints of epochs 2, 3 are removed" in err
+    assert sorted(os.listdir(work / "checkpoints")) == ["1"] and [r["epoch"] for r in _records(work / "metrics.jsonl")] == [1]
+
     # Another architecture or batch size in the same workdir is another run: refused, naming what differs.
     for extra, needle in ((["--arch", "resnet34"], "(--arch resnet18 -> resnet34)"), (["--batch-size", "6"], "(--batch-size 12 -> 6)")):
         rc, out, err = train(3, "--workdir", str(work), *extra)
         assert rc == 2 and err.count("\n") == 1, err
         assert f"{work} holds another run {needle}: resuming it would not continue that run; use --no-resume" in err, err
+
+    # No checkpoint restores: one line, nothing trained.
+    _damage(work / "checkpoints" / "1")
+    rc, out, err = train(3)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"cannot resume: cannot restore {work / 'checkpoints' / '1'}: " in err and err.rstrip().endswith("use --no-resume or another --workdir")
 
 
 def test_plot_has_integer_epochs_and_one_colour_per_split():
