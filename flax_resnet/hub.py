@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import urllib.request
 from pathlib import Path
 from typing import Any
