@@ -16,10 +16,10 @@ __version__ = "0.1.0"
 
 # public name -> defining module; one factory per architecture comes from flax_resnet.model.
 _LAZY = {
-    "CheckpointError": "flax_resnet.checkpoint",
-    "load": "flax_resnet.checkpoint",
-    "read_state_dict": "flax_resnet.checkpoint",
-    "save": "flax_resnet.checkpoint",
+    "CheckpointError": "flax_resnet.io",
+    "load": "flax_resnet.io",
+    "read_state_dict": "flax_resnet.io",
+    "save": "flax_resnet.io",
     "from_pretrained": "flax_resnet.hub",
     "ConversionError": "flax_resnet.convert",
     "ModelConfig": "flax_resnet.convert",
