@@ -59,3 +59,18 @@ def test_convert_summary_counts_the_output(capsys, tmp_path):
     r = ckio.convert(seed, tmp_path / "seed.msgpack")
     assert r["num_params"] == 25_583_592  # the seed layout keeps its conv biases
     assert ModelConfig("resnet50", "seed", 1000, 3).conv_bias
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect"])
+def test_help_is_plain_with_choices_and_defaults(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "`" not in out and "``" not in out
+    assert "(default: False)" in out  # --json
+    if command == "convert":
+        assert "{source,torchvision,seed,flax}" in out and "(default: source)" in out
+        assert "{keep,float32,bfloat16}" in out and "(default: keep)" in out
+        assert "(default: auto)" in out and "resnext50_32x4d" in out
+        assert "missing parent directories are created" in out
