@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 Dtype = Any
@@ -87,3 +88,20 @@ class BatchNorm(nn.Module):
         alpha = scale.astype(stat_dtype) * jax.lax.rsqrt(var + self.epsilon)
         beta = bias.astype(stat_dtype) - mean * alpha
         return (xs * alpha + beta).astype(out_dtype)
+
+
+def avg_pool_ceil(x: jax.Array, stride: int) -> jax.Array:
+    """``torch.nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)`` over NHWC.
+
+    ``ceil_mode`` adds a last, partial window where the input does not divide
+    evenly; it averages only the pixels it covers.
+    """
+    pads, counts = [], []
+    for n in x.shape[1:3]:
+        out = -(-(n - 2) // stride) + 1  # ceil((n - 2) / stride) + 1
+        pads.append((0, max((out - 1) * stride + 2 - n, 0)))
+        starts = np.arange(out) * stride
+        counts.append(np.minimum(starts + 2, n) - starts)  # pixels inside each window
+    window, strides = (1, 2, 2, 1), (1, stride, stride, 1)
+    sums = jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add, window, strides, [(0, 0), *pads, (0, 0)])
+    return sums / np.outer(*counts)[None, :, :, None].astype(x.dtype)

@@ -19,7 +19,7 @@ import flax.linen as nn
 
 from flax_resnet import archs, kernels
 from flax_resnet.archs import ARCHS, ArchSpec, BlockSpec, ConvSpec, get_arch, stem_convs
-from flax_resnet.layers import BatchNorm
+from flax_resnet.layers import BatchNorm, avg_pool_ceil
 
 Dtype = Any
 ModuleDef = Any
@@ -32,24 +32,6 @@ def _conv(conv: ModuleDef, c: ConvSpec, name: str) -> nn.Module:
     # Explicit symmetric padding as in torch; 'SAME' would pad (0, 1) at stride 2.
     pad = ((c.padding, c.padding), (c.padding, c.padding))
     return conv(c.out_ch, (c.kernel, c.kernel), strides=(c.stride, c.stride), padding=pad, feature_group_count=c.groups, name=name)
-
-
-def avg_pool_ceil(x: jax.Array, stride: int) -> jax.Array:
-    """``torch.nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)`` over NHWC.
-
-    ``ceil_mode`` adds a last, partial window where the input does not divide
-    evenly; it averages only the pixels it covers.
-    """
-    pads = []
-    for n in x.shape[1:3]:
-        out = -(-(n - 2) // stride) + 1  # ceil((n - 2) / stride) + 1
-        pads.append((0, max((out - 1) * stride + 2 - n, 0)))
-    window, strides = (1, 2, 2, 1), (1, stride, stride, 1)
-    full = [(0, 0), *pads, (0, 0)]
-    sums = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, window, strides, full)
-    ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
-    counts = jax.lax.reduce_window(ones, jnp.array(0, x.dtype), jax.lax.add, window, strides, full)
-    return sums / counts
 
 
 class DeepStem(nn.Module):
@@ -290,13 +272,10 @@ def _factory(name: str) -> Callable[..., ResNet]:
     spec = get_arch(name)
     make.__name__ = make.__qualname__ = name
     make.__doc__ = (
-        f"Flax {name} ({spec.source}; stem {spec.stem}, shortcut {spec.shortcut}).\n\n"
-        "Args:\n"
-        "    num_classes: outputs of the classifier.\n"
-        "    conv_bias: convs with bias (the seed layout of resnet50/101/152).\n"
-        "    dtype: compute dtype (``None``: follow the inputs; ``jnp.bfloat16``: mixed precision).\n"
-        "    param_dtype: dtype of parameters and BatchNorm statistics.\n"
-        "    **kwargs: any other ``ResNet`` attribute (``zero_init_residual``, ``axis_name``, ...).\n"
+        f"Flax {name} ({spec.source}: stem {spec.stem}, shortcut {spec.shortcut}): ``ResNet(arch={name!r}, ...)``.\n\n"
+        "Args:\n    num_classes: outputs of ``fc``.\n    conv_bias: convs with bias (the seed layout).\n"
+        "    dtype: compute dtype (``None`` follows the inputs).\n    param_dtype: dtype of params and BN statistics.\n"
+        "    **kwargs: any other ``ResNet`` attribute.\n"
     )
     return make
 
