@@ -42,23 +42,23 @@ def _collection(var: nnx.Variable, path: tuple) -> str:
     raise ConversionError("Linen variables", other=[f"{'/'.join(map(str, path))} is an {type(var).__name__}, not a Param or BatchStat"])
 
 
-def _flat_state(model: ResNet) -> list[tuple[tuple[str, ...], str, nnx.Variable]]:
+def _flat_state(node: ResNet | nnx.State) -> list[tuple[tuple[str, ...], str, nnx.Variable]]:
     """``(path, collection, variable)`` of every variable, path parts as strings."""
-    out = []
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        out.append((tuple(str(p) for p in path), _collection(var, path), var))
-    return out
+    state = node if isinstance(node, nnx.State) else nnx.state(node)
+    return [(tuple(str(p) for p in path), _collection(var, path), var) for path, var in nnx.to_flat_state(state)]
 
 
-def to_linen(model: ResNet) -> dict[str, dict]:
+def to_linen(model: ResNet | nnx.State) -> dict[str, dict]:
     """The Linen variables of ``model``: ``{"params": ..., "batch_stats": ...}``.
 
     The tree ``flax_resnet.ResNet`` with the same settings applies (stacked
     under ``layerN/rest`` for ``scan_blocks=True``); its leaves are the
-    model's own arrays (no copy).
+    model's own arrays (no copy). An ``nnx.State`` of the model (e.g. the
+    gradients of ``nnx.grad``) maps the same way; collections it lacks come
+    back empty.
     """
-    if not isinstance(model, ResNet):
-        raise TypeError(f"to_linen expects a flax_resnet.nnx.ResNet, got {type(model).__name__}")
+    if not isinstance(model, (ResNet, nnx.State)):
+        raise TypeError(f"to_linen expects a flax_resnet.nnx.ResNet or its nnx.State, got {type(model).__name__}")
     flat: dict[str, dict] = {"params": {}, "batch_stats": {}}
     for path, collection, var in _flat_state(model):
         flat[collection][path] = var[...]

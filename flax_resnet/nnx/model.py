@@ -71,6 +71,11 @@ class BatchNorm(nnx.Module):
         self.dtype = dtype
         self.axis_name = axis_name
 
+    def set_view(self, use_running_average: bool | None = None):
+        """For ``nnx.view(model, use_running_average=...)``: an eval (or train) view sharing the variables."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
     def __call__(self, x: jax.Array) -> jax.Array:
         train = not self.use_running_average
         y, stats = batch_norm(
@@ -239,7 +244,8 @@ class ResNet(nnx.Module):
     Input is NHWC; logits come back in at least float32. Like torch (and
     ``nnx.BatchNorm``) a new model is in train mode: ``model.eval()`` uses
     the running statistics, ``model.train()`` batch statistics, updating
-    the running ones in place.
+    the running ones in place; ``nnx.view(model, use_running_average=True)``
+    is an eval-mode view sharing the variables.
 
     Args:
         arch: architecture name (``"resnet50"``, ``"resnet50d"``) or an ``ArchSpec``.
