@@ -12,7 +12,13 @@ import torch_ref
 from flax_resnet import ARCHS, ConversionError, flax_to_torch, from_torch, infer_config, torch_to_flax
 from parity.fixtures import images, randomize_and_calibrate, reference_model
 
-CASES = [(a, "torchvision") for a in ARCHS] + [(a, "seed") for a in ("resnet50", "resnet101", "resnet152")]
+# Every torchvision row, one timm row per stem/shortcut/block combination (small ones), the seed layout.
+TIMM_SMALL = ["resnet10t", "resnet14t", "resnet18d", "resnet26", "resnet26d", "resnet26t", "resnet50c", "resnet50s"]
+CASES = (
+    [(a, "torchvision") for a in ARCHS if ARCHS[a].source == "torchvision"]
+    + [(a, "torchvision") for a in TIMM_SMALL]
+    + [(a, "seed") for a in ("resnet50", "resnet101", "resnet152")]
+)
 
 
 def _sd(arch, layout, **kw):
@@ -28,13 +34,16 @@ def r50_tv():
 @pytest.mark.parametrize("arch,layout", CASES)
 def test_round_trip_is_bit_exact_and_loads_strictly(arch, layout):
     sd = _sd(arch, layout)
-    for v in sd.values():  # distinct, non-default stats and counters
+    g = torch.Generator().manual_seed(1)
+    for v in sd.values():  # distinct, non-default values everywhere: two swapped leaves cannot round-trip
         if v.dtype == torch.int64:
-            v.fill_(0)
+            v.fill_(5)
+        else:
+            v.copy_(torch.rand(v.shape, generator=g) + 0.5)
     cfg = infer_config(sd)
     assert (cfg.arch, cfg.layout, cfg.num_classes, cfg.in_channels) == (arch, layout, 1000, 3)
     variables = torch_to_flax(sd)
-    back = flax_to_torch(variables, layout=layout)
+    back = flax_to_torch(variables, layout=layout, num_batches_tracked=5)
     assert list(back) == list(sd)
     for k, v in sd.items():
         assert back[k].dtype == v.numpy().dtype and back[k].tobytes() == v.numpy().tobytes(), k
@@ -206,3 +215,119 @@ def test_seed_to_torchvision_fold_is_exact(arch):
             np.testing.assert_allclose(v.numpy(), (s_seed[seed_key] - old_bias[conv + ".bias"]).numpy(), rtol=0, atol=1e-12)
         elif k.endswith(("running_var", "weight")):
             np.testing.assert_allclose(v.numpy(), s_seed[seed_key].numpy(), rtol=1e-10, atol=1e-14)
+
+
+# --- timm variants: told apart from keys and shapes alone ---------------------
+
+
+def _shapes_only(arch):
+    """A state_dict of zero-memory arrays with the real keys and shapes (meta-device torch model)."""
+    with torch.device("meta"):
+        m = torch_ref.ResNet(arch)
+    return {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if ARCHS[a].source == "timm"])
+def test_infer_config_tells_every_timm_row_apart(arch):
+    cfg = infer_config(_shapes_only(arch))
+    assert (cfg.arch, cfg.layout, cfg.num_classes, cfg.in_channels) == (arch, "torchvision", 1000, 3)
+
+
+def test_timm_key_names():
+    d = torch_ref.resnet50d().state_dict()
+    for k in ("conv1.0.weight", "conv1.1.running_var", "conv1.3.weight", "conv1.4.bias", "conv1.6.weight", "bn1.weight"):
+        assert k in d, k
+    assert d["conv1.0.weight"].shape == (32, 3, 3, 3) and d["conv1.6.weight"].shape == (64, 32, 3, 3)
+    assert "layer2.0.downsample.1.weight" in d and "layer2.0.downsample.2.running_var" in d
+    assert not any(k.startswith("layer2.0.downsample.0.") for k in d)  # the avg-pool has no state
+    assert "layer1.0.downsample.1.weight" in d  # stride 1: identity pool, conv and BN keep their indices
+    t = torch_ref.resnet50t().state_dict()
+    assert [t[f"conv1.{i}.weight"].shape[0] for i in (0, 3, 6)] == [24, 32, 64]
+    s = torch_ref.resnet50s().state_dict()
+    assert [s[f"conv1.{i}.weight"].shape[0] for i in (0, 3, 6)] == [64, 64, 128] and s["layer1.0.conv1.weight"].shape[1] == 128
+    c = torch_ref.resnet50c().state_dict()
+    assert "layer2.0.downsample.0.weight" in c and not any(".downsample.2." in k for k in c)
+    v = torch_to_flax(d)
+    assert set(v["params"]["conv1"]) == {"0", "1", "3", "4", "6"} and set(v["params"]["layer2"]["0"]["downsample"]) == {"1", "2"}
+
+
+def test_unknown_variant_is_named():
+    sd = _shapes_only("resnet18d")
+    sd = {k.replace(".downsample.1.", ".downsample.0.").replace(".downsample.2.", ".downsample.1."): v for k, v in sd.items()}
+    with pytest.raises(ConversionError, match=r"no known architecture has basic blocks.*deep stem of width 32, conv shortcut"):
+        infer_config(sd)
+
+
+# --- ownership: results never share memory with their source (issue 12) -----
+
+
+def test_conversion_results_own_their_memory():
+    tm = torch_ref.resnet18(num_classes=10)
+    sd = tm.state_dict()
+    _, v = from_torch(sd)
+    before = {k: t.clone() for k, t in sd.items()}
+    with torch.no_grad():  # keep training the torch model in place
+        for t in sd.values():
+            t.add_(1)
+    back = flax_to_torch(v, num_batches_tracked=0)
+    for k, t in before.items():
+        assert np.array_equal(back[k], t.numpy()), k
+    # and the other way: editing the Flax arrays leaves the exported state_dict alone
+    import jax
+
+    snapshot = {k: a.copy() for k, a in back.items()}
+    for leaf in jax.tree_util.tree_leaves(v):
+        leaf += 1
+    for k, a in back.items():
+        assert np.array_equal(a, snapshot[k]), k
+    for k, a in back.items():
+        assert a.flags.owndata or a.base is None or not np.shares_memory(a, sd[k].numpy()), k
+
+
+# --- bad input: one ConversionError naming the key (issue 12) ---------------
+
+
+def test_non_float_param_dtype_is_refused(r50_tv):
+    for dt in (np.int32, np.int8, np.bool_):
+        with pytest.raises(ConversionError, match="not a floating dtype"):
+            from_torch(r50_tv, param_dtype=dt)
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("conv1.weight", np.zeros(64, np.float32), r"conv1.weight has shape \(64,\), expected a 4-d weight"),
+        ("fc.weight", np.float32(1.0), r"fc.weight has shape \(\), expected a 2-d weight"),
+        ("layer1.0.bn1.weight", "oops", "layer1.0.bn1.weight is a str, not a tensor"),
+        ("layer1.0.bn1.bias", None, "layer1.0.bn1.bias is a NoneType, not a tensor"),
+        ("layer2.0.bn1.weight", {"a": 1}, "layer2.0.bn1.weight is a dict, not a tensor"),
+    ],
+)
+def test_bad_values_name_the_key(r50_tv, key, value, needle):
+    sd = dict(r50_tv)
+    sd[key] = value
+    for fn in (infer_config, torch_to_flax, from_torch):
+        with pytest.raises(ConversionError, match=needle) as e:
+            fn(sd)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["float8", "meta", "sparse"])
+def test_unsupported_tensors_name_the_key(r50_tv, kind):
+    sd = dict(r50_tv)
+    w = sd["layer3.1.bn2.weight"]
+    sd["layer3.1.bn2.weight"] = {"float8": lambda: w.to(torch.float8_e4m3fn), "meta": lambda: w.to("meta"), "sparse": lambda: w.to_sparse()}[kind]()
+    with pytest.raises(ConversionError, match=r"layer3.1.bn2.weight (has dtype float8_e4m3fn|is on the meta device|is a sparse_coo tensor)") as e:
+        from_torch(sd)
+    assert "\n" not in str(e.value)
+
+
+def test_nonfinite_weights_are_refused_like_load(r50_tv):
+    sd = dict(r50_tv)
+    w = sd["layer2.0.conv2.weight"].clone()
+    w[0, 0, 0, 0], w[1, 0, 0, 0] = float("nan"), float("inf")
+    sd["layer2.0.conv2.weight"] = w
+    with pytest.raises(ConversionError, match=r"non-finite values in layer2.0.conv2.weight \(1 NaN, 1 Inf of 147456\)"):
+        from_torch(sd)
+    _, v = from_torch(sd, allow_nonfinite=True)
+    assert np.isnan(v["params"]["layer2"]["0"]["conv2"]["kernel"]).sum() == 1
