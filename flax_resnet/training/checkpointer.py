@@ -48,6 +48,12 @@ class Checkpointer:
     back with the template's shardings, so a replicated template restores a
     replicated state.
 
+    Attributes:
+        directory: the absolute checkpoint directory.
+        manager: the ``orbax.checkpoint.CheckpointManager``.
+        skipped: ``(epoch, reason)`` of the damaged checkpoints the last
+            ``restore`` passed over.
+
     Usage::
 
         ckpt = Checkpointer(workdir + "/checkpoints")
@@ -84,10 +90,12 @@ class Checkpointer:
             self.manager.wait_until_finished()
 
     def latest_epoch(self) -> int | None:
+        """The newest checkpoint's epoch, or None when there is none."""
         return self.manager.latest_step()
 
     def all_epochs(self) -> list[int]:
-        return list(self.manager.all_steps())
+        """Epochs of every checkpoint in the directory, oldest first."""
+        return sorted(self.manager.all_steps())
 
     def delete(self, epoch: int) -> None:
         """Removes checkpoint ``epoch`` (e.g. a damaged one ``restore`` skipped, before it is written again)."""
@@ -141,6 +149,7 @@ class Checkpointer:
         return state.replace(**restored["state"]), dict(restored["meta"])
 
     def close(self) -> None:
+        """Waits for asynchronous saves to finish, then releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
