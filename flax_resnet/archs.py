@@ -22,15 +22,23 @@ Names (torch state_dict key prefix -> Flax path, ``.`` -> ``/``):
   ``AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)`` (an
   identity at stride 1; no parameters), ``downsample.1`` the 1x1/1 conv,
   ``downsample.2`` the BN.
-* ``fc``.
+* ``fc`` (absent when ``num_classes == 0``: a headless feature extractor).
+
+The ``"transformers"`` layout (Hugging Face ``ResNetForImageClassification``)
+names the same modules differently; ``transformers_name`` maps them
+(``conv1`` -> ``resnet.embedder.embedder.convolution``,
+``layer2.0.bn3`` -> ``resnet.encoder.stages.1.layers.0.layer.2.normalization``,
+``layer2.0.downsample.0`` -> ``...layers.0.shortcut.convolution``, ``fc`` ->
+``classifier.1``). Flax paths are the same in every layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Iterator
 
-LAYOUTS = ("torchvision", "seed")
+LAYOUTS = ("torchvision", "seed", "transformers")
 STEMS = ("7x7", "deep", "deep_tiered")
 SHORTCUTS = ("conv", "avg_down")
 SHORTCUT_NAME = {"seed": "identity_downsample", "torchvision": "downsample"}
@@ -212,6 +220,49 @@ def check_layout(spec: ArchSpec, layout: str) -> None:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if layout == "seed" and not spec.has_seed_layout:
         raise ValueError(f"layout 'seed' exists only for resnet50/101/152, not {spec.name}")
+    if layout == "transformers" and (spec.stem, spec.shortcut, spec.groups, spec.width_per_group) != ("7x7", "conv", 1, 64):
+        raise ValueError(f"layout 'transformers' has a 7x7 stem, conv shortcuts and no groups; {spec.name} has none of that layout")
+
+
+# torchvision module name -> transformers' (ResNetForImageClassification), in order.
+_TRANSFORMERS_NAMES = (
+    (r"^conv1$", "resnet.embedder.embedder.convolution"),
+    (r"^bn1$", "resnet.embedder.embedder.normalization"),
+    (r"^layer(\d)\.(\d+)\.conv(\d)$", lambda m: f"resnet.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.convolution"),
+    (r"^layer(\d)\.(\d+)\.bn(\d)$", lambda m: f"resnet.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.normalization"),
+    (r"^layer(\d)\.(\d+)\.downsample\.0$", lambda m: f"resnet.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.convolution"),
+    (r"^layer(\d)\.(\d+)\.downsample\.1$", lambda m: f"resnet.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization"),
+    (r"^fc$", "classifier.1"),
+)
+_FROM_TRANSFORMERS = (
+    (r"^resnet\.embedder\.embedder\.convolution$", "conv1"),
+    (r"^resnet\.embedder\.embedder\.normalization$", "bn1"),
+    (r"^resnet\.encoder\.stages\.(\d)\.layers\.(\d+)\.layer\.(\d)\.convolution$", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}"),
+    (r"^resnet\.encoder\.stages\.(\d)\.layers\.(\d+)\.layer\.(\d)\.normalization$", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}"),
+    (r"^resnet\.encoder\.stages\.(\d)\.layers\.(\d+)\.shortcut\.convolution$", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.0"),
+    (r"^resnet\.encoder\.stages\.(\d)\.layers\.(\d+)\.shortcut\.normalization$", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.1"),
+    (r"^classifier\.1$", "fc"),
+)
+
+
+def _rename(rules, name: str) -> str | None:
+    for pattern, repl in rules:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    return None
+
+
+def transformers_name(name: str) -> str:
+    """transformers' module name for a torchvision module name (``"layer1.0.conv2"``)."""
+    out = _rename(_TRANSFORMERS_NAMES, name)
+    if out is None:
+        raise ValueError(f"{name!r} has no counterpart in the transformers layout")
+    return out
+
+
+def from_transformers_name(name: str) -> str | None:
+    """The torchvision module name of a transformers module name, or ``None``."""
+    return _rename(_FROM_TRANSFORMERS, name)
 
 
 # ---------------------------------------------------------------------------
@@ -324,29 +375,33 @@ class Layer:
 def layers(spec: ArchSpec, layout: str = "torchvision", num_classes: int = 1000, in_channels: int = 3) -> Iterator[Layer]:
     """Every module with parameters in forward order; a conv's BN follows it.
 
-    Flax paths mirror torch's names, except that the seed layout's
-    ``identity_downsample`` is ``downsample`` in Flax too.
+    Flax paths mirror torchvision's names in every layout: the seed layout's
+    ``identity_downsample`` is ``downsample`` in Flax too, and the
+    transformers layout's names map through ``transformers_name``. With
+    ``num_classes == 0`` there is no ``fc``.
     """
 
-    def conv(name: str, c: ConvSpec) -> Layer:
-        return Layer(name, tuple(name.replace(SHORTCUT_NAME["seed"], "downsample").split(".")), "conv", c, c.out_ch)
-
-    def bn(name: str, c: int) -> Layer:
-        return Layer(name, tuple(name.replace(SHORTCUT_NAME["seed"], "downsample").split(".")), "bn", None, c)
+    def named(name: str, kind: str, c: ConvSpec | None, features: int, in_features: int = 0) -> Layer:
+        torch_name = name
+        if layout == "seed":
+            torch_name = name.replace(".downsample.", f".{SHORTCUT_NAME['seed']}.")
+        elif layout == "transformers":
+            torch_name = transformers_name(name)
+        return Layer(torch_name, tuple(name.split(".")), kind, c, features, in_features)
 
     for c, (cn, bnn) in zip(stem_convs(spec, in_channels), stem_names(spec)):
-        yield conv(cn, c)
-        yield bn(bnn, c.out_ch)
-    short = SHORTCUT_NAME[layout]
+        yield named(cn, "conv", c, c.out_ch)
+        yield named(bnn, "bn", None, c.out_ch)
     for b in blocks(spec):
         for i, c in enumerate(b.convs, start=1):
-            yield conv(f"{b.name}.conv{i}", c)
-            yield bn(f"{b.name}.bn{i}", c.out_ch)
+            yield named(f"{b.name}.conv{i}", "conv", c, c.out_ch)
+            yield named(f"{b.name}.bn{i}", "bn", None, c.out_ch)
         if b.downsample is not None:
             ci, bi = b.shortcut_indices
-            yield conv(f"{b.name}.{short}.{ci}", b.downsample)
-            yield bn(f"{b.name}.{short}.{bi}", b.downsample.out_ch)
-    yield Layer("fc", ("fc",), "linear", None, num_classes, spec.num_features)
+            yield named(f"{b.name}.downsample.{ci}", "conv", b.downsample, b.downsample.out_ch)
+            yield named(f"{b.name}.downsample.{bi}", "bn", None, b.downsample.out_ch)
+    if num_classes:
+        yield named("fc", "linear", None, num_classes, spec.num_features)
 
 
 def conv_bn_pairs(spec: ArchSpec, layout: str = "torchvision") -> list[tuple[Layer, Layer]]:

@@ -117,6 +117,7 @@ RULES: dict[str, tuple[tuple[str, str, str, Transform], ...]] = {
 # torch-only state, dropped on the way in and written back on the way out.
 IGNORED_BN_LEAVES = ("num_batches_tracked",)
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+TRANSFORMERS_BASE = ("embedder.embedder.", "encoder.stages.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +272,8 @@ def normalize_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]
         for p in PREFIXES:
             while k.startswith(p):
                 k = k[len(p) :]
+        if k.startswith(TRANSFORMERS_BASE):  # transformers' ResNetModel/ResNetBackbone: no "resnet." prefix
+            k = "resnet." + k
         try:
             out[k] = _to_numpy(key, value)
         except ConversionError as e:
@@ -303,10 +306,14 @@ def infer_config(state_dict: Mapping[str, Any], arch: str | None = None, layout:
             inference reads has the wrong rank or is not a tensor.
     """
     sd = state_dict if all(isinstance(v, np.ndarray) for v in state_dict.values()) else normalize_state_dict(state_dict)
+    if layout == "transformers" or (layout is None and any(k.startswith("resnet.embedder.") for k in sd)):
+        cfg = infer_config(_torchvision_view(sd), arch=arch, layout="torchvision")
+        check_layout(get_arch(cfg.arch), "transformers")
+        return dataclasses.replace(cfg, layout="transformers")
     keys = set(sd)
     deep = "conv1.0.weight" in keys
     stem_key = "conv1.0.weight" if deep else "conv1.weight"
-    required = [k for k in (stem_key, "fc.weight", "layer1.0.conv1.weight") if k not in keys]
+    required = [k for k in (stem_key, "layer1.0.conv1.weight") if k not in keys]
     if required:
         raise ConversionError("a ResNet", other=[f"not a ResNet state_dict (no {', '.join(required)})"])
     ranks = {stem_key: 4, "fc.weight": 2, "layer1.0.conv1.weight": 4, "conv1.3.weight": 4, "layer1.0.conv2.weight": 4}
@@ -346,7 +353,20 @@ def infer_config(state_dict: Mapping[str, Any], arch: str | None = None, layout:
             found += f", {stem} stem" + (f" of width {stem_width}" if stem_width else "") + f", {shortcut} shortcut"
             raise ConversionError("a ResNet", other=[f"no known architecture has {found}"])
 
-    return ModelConfig(arch, layout, int(sd["fc.weight"].shape[0]), int(sd[stem_key].shape[1]))
+    # No fc: a headless backbone (timm's num_classes=0, transformers' ResNetModel).
+    num_classes = int(sd["fc.weight"].shape[0]) if "fc.weight" in sd else 0
+    return ModelConfig(arch, layout, num_classes, int(sd[stem_key].shape[1]))
+
+
+def _torchvision_view(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A transformers-layout state_dict under torchvision's key names (for ``infer_config``; unmapped keys left out)."""
+    out = {}
+    for key, value in sd.items():
+        module, _, leaf = key.rpartition(".")
+        name = archs.from_transformers_name(module)
+        if name is not None:
+            out[f"{name}.{leaf}"] = value
+    return out
 
 
 def _check_leaves(found: Mapping[str, Any], expected: Mapping[str, tuple], target: str, ignored: Collection[str] = ()) -> None:
@@ -551,8 +571,8 @@ def infer_flax_config(variables: Mapping[str, Any], layout: str = "torchvision")
     if isinstance(variables, Mapping) and is_stacked(variables):
         variables = unstack_blocks(variables)
     params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
-    if not isinstance(params, Mapping) or not isinstance(params.get("fc"), Mapping) or "conv1" not in params:
-        raise ConversionError("torch", other=["not Flax ResNet variables (need params/conv1 and params/fc/kernel)"])
+    if not isinstance(params, Mapping) or not isinstance(params.get("conv1"), Mapping) or not isinstance(params.get("layer1"), Mapping):
+        raise ConversionError("torch", other=["not Flax ResNet variables (need params/conv1 and params/layer1)"])
     as_torch = {}
     for path, v in _flatten(params).items():
         shape = tuple(np.shape(v))
@@ -616,7 +636,7 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
         if leaf.torch_key.endswith(".running_var"):  # torch's key order
             for name in IGNORED_BN_LEAVES:
                 out[f"{leaf.torch_key.rsplit('.', 1)[0]}.{name}"] = np.array(num_batches_tracked, dtype=np.int64)
-    if has_bias and layout == "torchvision":
+    if has_bias and layout != "seed":
         target = {(leaf.collection, *leaf.flax_path): leaf.torch_key for leaf in leaves(cfg)}
         for conv, bn in conv_bn_pairs(get_arch(cfg.arch)):
             key = target[("batch_stats", *bn, "mean")]

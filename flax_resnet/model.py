@@ -148,7 +148,8 @@ class ResNet(nn.Module):
 
     Attributes:
         arch: architecture name (``"resnet50"``, ``"resnet50d"``) or an ``ArchSpec``.
-        num_classes: outputs of ``fc``.
+        num_classes: outputs of ``fc``; 0 builds no ``fc`` (a headless
+            backbone whose output is the pooled features, as timm's).
         conv_bias: convs carry a bias (the seed layout) or not (torchvision).
         stride_in_1x1: ResNet v1 (stride in the first 1x1 conv of a
             bottleneck) instead of v1.5 (stride in the 3x3 conv).
@@ -248,9 +249,10 @@ class ResNet(nn.Module):
             out[f"layer{s}"] = x
         x = jnp.mean(x, axis=(1, 2))
         out["pre_logits"] = x
-        init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, kernel_init=init, name="fc")(x)
-        out["logits"] = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        if self.num_classes:
+            init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+            x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, kernel_init=init, name="fc")(x)
+        out["logits"] = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # num_classes=0: the pooled features
         return out
 
     def features(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:

@@ -66,8 +66,10 @@ class ResNet(nn.Module):
     Args:
         arch: architecture name, e.g. ``"resnet50"`` or ``"resnet50d"``.
         img_channels: input channels.
-        num_classes: outputs of ``fc``.
-        layout: ``"torchvision"`` or ``"seed"`` (ResNet-50/101/152 only).
+        num_classes: outputs of ``fc``; 0 makes ``fc`` an identity (headless).
+        layout: ``"torchvision"`` or ``"seed"`` (ResNet-50/101/152 only); the
+            transformers layout is transformers' own model
+            (``parity.hf.TransformersResNet`` gives it this interface).
         stride_in_1x1: ResNet v1 (stride in the first 1x1 conv) instead of v1.5.
     """
 
@@ -82,6 +84,8 @@ class ResNet(nn.Module):
         super().__init__()
         spec = get_arch(arch)
         check_layout(spec, layout)
+        if layout == "transformers":
+            raise ValueError("torch_ref builds the seed and torchvision layouts; for 'transformers' use transformers' ResNetForImageClassification")
         self.arch, self.layout, self.stride_in_1x1 = spec.name, layout, stride_in_1x1
         bias = layout == "seed"
         stem = stem_convs(spec, img_channels)
@@ -102,7 +106,7 @@ class ResNet(nn.Module):
             stage = [Block(b, layout) for b in all_blocks if b.stage == s]
             self.add_module(f"layer{s}", nn.Sequential(*stage))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(spec.num_features, num_classes)
+        self.fc = nn.Linear(spec.num_features, num_classes) if num_classes else nn.Identity()  # 0: headless, as timm
         if layout == "torchvision":
             # torchvision's (and timm's) init; the seed keeps PyTorch's defaults.
             for m in self.modules():

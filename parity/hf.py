@@ -1,0 +1,55 @@
+"""Hugging Face transformers' ResNet, seen through ``torch_ref``'s interface.
+
+The parity harness drives ``torch_ref.ResNet`` through ``state_dict()``,
+``forward()`` and ``forward_intermediates()``. ``TransformersResNet`` gives
+``transformers.ResNetForImageClassification`` the same three, running
+transformers' own modules (embedder, stages, layers, pooler, classifier), so
+``parity.harness.run_parity`` compares the Flax conversion against
+transformers itself, key for key in the transformers layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TransformersResNet(nn.Module):
+    """Wraps a ``ResNetForImageClassification`` without copying its modules.
+
+    Its ``state_dict()`` keys are the wrapped model's (``resnet.embedder...``,
+    ``classifier.1.weight``), so a strict load into the wrapped model and into
+    this wrapper are the same thing.
+
+    Args:
+        hf_model: a ``transformers.ResNetForImageClassification``.
+    """
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.resnet = hf_model.resnet
+        self.classifier = hf_model.classifier
+        config = hf_model.config
+        if config.downsample_in_first_stage:
+            raise ValueError("downsample_in_first_stage=True has no torchvision counterpart")
+        # transformers' downsample_in_bottleneck is ResNet v1 (stride in the first 1x1 conv).
+        self.stride_in_1x1 = bool(config.downsample_in_bottleneck) and config.layer_type == "bottleneck"
+
+    def forward_intermediates(self, x: torch.Tensor, blocks: bool = False) -> dict[str, torch.Tensor]:
+        """The parity points of ``torch_ref.ResNet.forward_intermediates``, from transformers' modules."""
+        out: dict[str, torch.Tensor] = {}
+        x = self.resnet.embedder(x)  # conv, BN, ReLU, max-pool
+        out["stem"] = x
+        for s, stage in enumerate(self.resnet.encoder.stages, start=1):
+            for j, layer in enumerate(stage.layers):
+                x = layer(x)
+                if blocks:
+                    out[f"layer{s}.{j}"] = x
+            out[f"layer{s}"] = x
+        x = torch.flatten(self.resnet.pooler(x), 1)
+        out["pre_logits"] = x
+        out["logits"] = self.classifier(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_intermediates(x)["logits"]
