@@ -11,10 +11,14 @@ import json
 import sys
 
 MODE_CHOICES = ("eval", "train", "grad", "steps", "all")
+DESCRIPTION = (
+    "Compare the Flax ResNet with PyTorch on the same weights and inputs, against a float64 torch run. "
+    "Exit status: 0 when every point is within tolerance, 1 on a parity failure, 2 on bad input."
+)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("parity", help="compare Flax and PyTorch outputs, BN updates and gradients", description=__doc__)
+    p = subparsers.add_parser("parity", help="compare Flax and PyTorch outputs, BN updates and gradients", description=DESCRIPTION)
     add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -23,16 +27,23 @@ def register(subparsers) -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from flax_resnet.archs import ARCHS
 
-    p.add_argument("--arch", default="resnet50", choices=list(ARCHS), help="architecture for random weights (default resnet50)")
-    p.add_argument("--layout", default=None, choices=["seed", "torchvision"], help="torch layout (default: seed for 50/101/152, else torchvision)")
+    p.add_argument("--arch", default="resnet50", choices=list(ARCHS), metavar="ARCH", help=f"architecture of the random weights: {', '.join(ARCHS)} (default resnet50)")
+    p.add_argument(
+        "--layout",
+        default=None,
+        choices=["torchvision", "seed"],
+        help="torch state_dict layout: torchvision (bias-free convs, 'downsample'; also timm's keys) or seed (the seed code's "
+        "ResNet-50/101/152: conv biases, 'identity_downsample'); default torchvision, or the checkpoint's own with --weights",
+    )
     p.add_argument("--weights", default=None, metavar="FILE", help="compare this checkpoint instead of seeded random weights")
     p.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"), help="input size (default 224 224)")
-    p.add_argument("--mode", default="eval", choices=MODE_CHOICES, help="what to compare (default eval; all = eval, train, grad, steps)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="Flax compute dtype (default float32)")
-    p.add_argument("--precision", default="highest", choices=["highest", "default"], help="highest pins fp32 (no TF32) in both frameworks")
-    p.add_argument("--steps", type=int, default=2, help="SGD steps for --mode steps (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--mode", default="eval", choices=MODE_CHOICES, help="what to compare: eval, train, grad, steps or all (default eval; all = every mode)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="Flax compute dtype: float32, float64 or bfloat16 (default float32)")
+    p.add_argument("--precision", default="highest", choices=["highest", "default"], help="highest pins fp32 (no TF32) in both frameworks; default allows TF32 (default highest)")
+    p.add_argument("--steps", type=int, default=2, help="SGD steps for --mode steps/all (default 2)")
+    p.add_argument("--scan-blocks", action="store_true", help="run the Flax side as ResNet(scan_blocks=True): same numbers, faster to compile for 100+ layers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the random model (default 1000)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -55,21 +66,19 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise _usage("the parity check needs PyTorch: pip install 'flax-resnet[torch]'") from None
 
-    from flax_resnet.archs import get_arch
     from parity import fixtures, harness
 
     if args.weights:
         model = _load_reference(args.weights, args.layout)
     else:
-        layout = args.layout or ("seed" if get_arch(args.arch).has_seed_layout else "torchvision")
         try:
-            model = fixtures.reference_model(args.arch, layout, seed=args.seed, num_classes=args.num_classes)
+            model = fixtures.reference_model(args.arch, args.layout or "torchvision", seed=args.seed, num_classes=args.num_classes)
         except ValueError as e:
             raise _usage(str(e)) from None
     in_ch = model.conv1.in_channels
     x = fixtures.images(args.batch, in_ch, args.size[0], args.size[1], seed=args.seed + 1).numpy()
     modes = harness.MODES if args.mode == "all" else (args.mode,)
-    report = harness.run_parity(model, x, modes=modes, dtype=args.dtype, precision=args.precision, steps=args.steps)
+    report = harness.run_parity(model, x, modes=modes, dtype=args.dtype, precision=args.precision, steps=args.steps, scan_blocks=args.scan_blocks)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -99,7 +108,7 @@ def _load_reference(path: str, layout: str | None):
 def main(argv: list[str] | None = None) -> int:
     from flax_resnet.cli import UsageError
 
-    p = argparse.ArgumentParser(prog="python -m parity", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m parity", description=DESCRIPTION)
     add_arguments(p)
     args = p.parse_args(argv)
     try:

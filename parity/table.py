@@ -23,7 +23,7 @@ CONFIGS = {
 }
 
 
-def measure(arch: str, layout: str, configs, batch: int, size: tuple[int, int], modes) -> list[dict]:
+def measure(arch: str, layout: str, configs, batch: int, size: tuple[int, int], modes, scan_blocks: bool = False) -> list[dict]:
     from parity import fixtures, harness
 
     model = fixtures.reference_model(arch, layout)
@@ -32,7 +32,7 @@ def measure(arch: str, layout: str, configs, batch: int, size: tuple[int, int], 
     for name in configs:
         dtype, precision = CONFIGS[name]
         t = time.perf_counter()
-        r = harness.run_parity(model, x, modes=modes, dtype=dtype, precision=precision)
+        r = harness.run_parity(model, x, modes=modes, dtype=dtype, precision=precision, scan_blocks=scan_blocks)
         logits = r.point("eval", "logits") if "eval" in modes else None
         worst = {m: max((p for p in r.points if p.mode == m), key=lambda p: p.rel / p.tol) for m in modes}
         rows.append(
@@ -43,7 +43,7 @@ def measure(arch: str, layout: str, configs, batch: int, size: tuple[int, int], 
                 "passed": r.passed,
                 "logits_rel": logits.rel if logits else None,
                 "torch_rel": logits.torch_rel if logits else None,
-                "worst": {m: {"point": p.name, "rel": p.rel, "tol": p.tol} for m, p in worst.items()},
+                "worst": {m: {"point": p.name + (f" ({p.worst.split(':', 1)[-1]})" if p.worst else ""), "rel": p.rel, "tol": p.tol} for m, p in worst.items()},
                 "device": r.device,
                 "seconds": round(time.perf_counter() - t, 1),
             }
@@ -52,30 +52,38 @@ def measure(arch: str, layout: str, configs, batch: int, size: tuple[int, int], 
 
 
 def markdown(rows: list[dict]) -> str:
+    from flax_resnet.tables import markdown_table
+
     modes = list(rows[0]["worst"]) if rows else []
-    head = "| arch | layout | precision | logits rel err | torch's own | ratio | " + " | ".join(f"worst {m} (rel/tol)" for m in modes) + " | pass |"
-    sep = "|" + "---|" * (7 + len(modes))
-    lines = [head, sep]
+    head = ["arch", "layout", "precision", "logits rel err", "torch's own", "ratio", *(f"worst {m} (rel / tol)" for m in modes), "pass"]
+    body = []
     for r in rows:
-        own = r["torch_rel"]
-        ratio = f"{r['logits_rel'] / own:.2f}" if own else "-"
-        worst = " | ".join(f"{w['point']}: {w['rel']:.1e} / {w['tol']:.1e}" for w in r["worst"].values())
-        lines.append(
-            f"| {r['arch']} | {r['layout']} | {r['config']} | {r['logits_rel']:.2e} | {own:.2e} | {ratio} | {worst} | {'yes' if r['passed'] else 'NO'} |"
-            if own
-            else f"| {r['arch']} | {r['layout']} | {r['config']} | {r['logits_rel']:.2e} | - | - | {worst} | {'yes' if r['passed'] else 'NO'} |"
+        own, rel = r["torch_rel"], r["logits_rel"]
+        worst = [f"{w['point']}: {w['rel']:.1e} / {w['tol']:.1e}" for w in r["worst"].values()]
+        body.append(
+            [
+                r["arch"],
+                r["layout"],
+                r["config"],
+                "-" if rel is None else f"{rel:.2e}",
+                f"{own:.2e}" if own else "-",
+                f"{rel / own:.2f}" if own and rel is not None else "-",
+                *worst,
+                "yes" if r["passed"] else "NO",
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(head, body)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m parity.table", description=__doc__.splitlines()[0])
-    p.add_argument("--archs", nargs="+", default=["resnet50", "resnet101", "resnet152"])
-    p.add_argument("--layouts", nargs="+", default=["seed", "torchvision"], choices=["seed", "torchvision"])
-    p.add_argument("--configs", nargs="+", default=["fp32", "fp64"], choices=list(CONFIGS))
-    p.add_argument("--modes", nargs="+", default=["eval"], choices=["eval", "train", "grad", "steps"])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--size", type=int, nargs=2, default=(224, 224))
+    p.add_argument("--archs", nargs="+", default=["resnet50", "resnet101", "resnet152"], metavar="ARCH", help="architectures (default resnet50 resnet101 resnet152)")
+    p.add_argument("--layouts", nargs="+", default=["seed", "torchvision"], choices=["seed", "torchvision"], help="torch layouts: seed, torchvision (default both)")
+    p.add_argument("--configs", nargs="+", default=["fp32", "fp64"], choices=list(CONFIGS), help=f"precisions: {', '.join(CONFIGS)} (default fp32 fp64)")
+    p.add_argument("--modes", nargs="+", default=["eval"], choices=["eval", "train", "grad", "steps"], help="eval, train, grad, steps (default eval)")
+    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"), help="input size (default 224 224)")
+    p.add_argument("--scan-blocks", action="store_true", help="run the Flax side as ResNet(scan_blocks=True)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args(argv)
     from flax_resnet.archs import get_arch
@@ -85,7 +93,7 @@ def main(argv=None) -> int:
         for layout in args.layouts:
             if layout == "seed" and not get_arch(arch).has_seed_layout:
                 continue
-            rows += measure(arch, layout, args.configs, args.batch, tuple(args.size), tuple(args.modes))
+            rows += measure(arch, layout, args.configs, args.batch, tuple(args.size), tuple(args.modes), args.scan_blocks)
             print(f"done {arch} {layout}", file=sys.stderr, flush=True)
     if rows:
         print(f"device: {rows[0]['device']}; batch {args.batch}, {args.size[0]}x{args.size[1]}\n")
