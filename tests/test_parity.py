@@ -166,9 +166,11 @@ def test_v1_stride_in_1x1(dtype):
 
 def test_bfloat16_within_twice_torch_autocast():
     r = check(harness.run_parity(ref("resnet50", "torchvision"), x_(2, 3, 64, 64), modes=("eval", "train"), dtype="bfloat16"))
-    # bf16 is far from fp32 (so the comparison is not vacuous) yet bounded.
+    # The stated rule, point by point: within max(2 x torch autocast's own error, BF16_FLOOR).
+    for p in r.points:
+        assert p.torch_rel is not None and p.tol == max(2 * p.torch_rel, harness.BF16_FLOOR) and p.rel <= p.tol, p
     logits = r.point("eval", "logits")
-    assert 1e-4 < logits.rel < 0.1
+    assert logits.rel > 1e-4 and logits.torch_rel > 1e-4  # bf16 is far from fp32: the comparison is not vacuous
 
 
 # --- the report names where parity breaks ------------------------------------
@@ -191,21 +193,76 @@ def test_first_failure_names_the_broken_block(monkeypatch):
     assert "FAIL: first failure at eval layer3.1" in r.format()
 
 
+# The fp32 gradient rule's teeth: small, real errors on the Flax side that it must catch in fp32.
+BUG_MODEL = ("resnet18", "torchvision")
+
+
+def _edit_flax_side(monkeypatch, edit):
+    """Runs ``edit`` on the Flax side's results (torch-layout keys) before they are compared."""
+    real = harness._flax_side
+
+    def side(*args, **kwargs):
+        out = real(*args, **kwargs)
+        edit(out)
+        return out
+
+    monkeypatch.setattr(harness, "_flax_side", side)
+
+
+def _failing(r) -> dict[str, str]:
+    return {p.name: p.worst for p in r.points if not p.passed}
+
+
+@pytest.mark.parametrize("key,point", [("fc.bias", "grad fc"), ("layer3.1.bn2.bias", "grad layer3"), ("bn1.bias", "grad stem")])
+def test_fp32_gradient_rule_catches_a_one_percent_gradient_error(monkeypatch, key, point):
+    """A gradient 1% off in one small tensor (fc.bias, one BatchNorm's bias) fails its stage, and only it."""
+
+    def edit(out):
+        out["grad"][f"grad:{key}"] = out["grad"][f"grad:{key}"] * np.float32(1.01)
+
+    _edit_flax_side(monkeypatch, edit)
+    r = harness.run_parity(ref(*BUG_MODEL), x_(4, 3, 32, 32), modes=("grad",), dtype="float32")
+    assert _failing(r) == {point: f"grad:{key}"}, r.format()
+
+
+def test_fp32_step_rule_catches_one_wrong_sgd_update(monkeypatch):
+    """One of three SGD updates 1% too large fails every stage's params; the gradients still pass."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    real = harness.make_sgd
+
+    def one_bad_step(step=1, factor=1.01):
+        def update(updates, count, params=None):
+            f = jnp.where(count == step, factor, 1.0)
+            return jax.tree.map(lambda u: u * f.astype(u.dtype), updates), count + 1
+
+        return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
+
+    monkeypatch.setattr(harness, "make_sgd", lambda *a, **kw: optax.chain(real(*a, **kw), one_bad_step()))
+    harness._jitted.cache_clear()
+    r = harness.run_parity(ref(*BUG_MODEL), x_(4, 3, 64, 64), modes=("grad", "steps"), dtype="float32", steps=3)
+    failing = _failing(r)
+    assert {f"param {s}" for s in ("stem", "layer1", "layer2", "layer3", "layer4", "fc")} <= set(failing), r.format()
+    assert not any(name.startswith("grad") for name in failing), r.format()
+
+
 def test_fp32_gradient_rule_catches_a_batchnorm_backward_bug(monkeypatch):
-    """A BatchNorm that does not backprop through its batch variance (forward unchanged) fails in fp32."""
+    """A BatchNorm that does not backprop through its batch variance (forward unchanged) fails in fp32 at every stage it reaches."""
     import jax
 
     rsqrt = jax.lax.rsqrt
     monkeypatch.setattr(jax.lax, "rsqrt", lambda v: jax.lax.stop_gradient(rsqrt(v)))
     harness._jitted.cache_clear()
     try:
-        r = harness.run_parity(ref("resnet50", "torchvision"), x_(4, 3, 64, 64), modes=("train", "grad"), dtype="float32")
+        r = harness.run_parity(ref(*BUG_MODEL), x_(4, 3, 32, 32), modes=("train", "grad"), dtype="float32")
     finally:
         harness._jitted.cache_clear()
     assert all(p.passed for p in r.points if p.mode == "train")
     assert not r.passed and r.first_failure.mode == "grad"
-    bad = {p.name for p in r.points if not p.passed}
-    assert "grad layer4" in bad, r.format()
+    # fc's gradient needs only the (unchanged) forward; every BatchNorm stage is below it.
+    assert set(_failing(r)) == {"grad stem", "grad layer1", "grad layer2", "grad layer3", "grad layer4"}, r.format()
 
 
 # --- the command --------------------------------------------------------------
