@@ -68,6 +68,25 @@ def test_fold_seed_layout_conv_bias_and_float32():
     assert _rel(got, want) <= 1e-4  # float32 rounding through 50 layers
 
 
+def test_fold_with_conv_bias_matches_torch_in_float64():
+    """Seed layout (conv biases folded too) against the torch seed model's float64 eval logits."""
+    import torch
+
+    tm = reference_model("resnet50", layout="seed", num_classes=10, calibrate_size=32).double()
+    with torch.no_grad():  # large conv biases: a fold that dropped them would show
+        for name, p in tm.named_parameters():
+            if name.endswith("bias") and "bn" not in name and name != "fc.bias" and ".1." not in name:
+                p.normal_(0, 0.5)
+    x = np.random.default_rng(4).normal(size=(2, 33, 47, 3))
+    with torch.no_grad():
+        want = tm.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    with jax.enable_x64(True):
+        model, v = from_torch(tm.state_dict())
+        fmodel, fv = inference.fold(model, v)
+        got = np.asarray(jax.jit(fmodel.apply)(fv, x))
+    assert got.dtype == np.float64 and _rel(got, want) <= 1e-10
+
+
 def test_fold_refuses_missing_statistics(r50):
     sd, _ = r50
     _, v = from_torch(sd)

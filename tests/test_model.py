@@ -1,5 +1,6 @@
 """Flax model mechanics: BatchNorm rule, dtypes, parameter counts, padding."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,7 +103,7 @@ def test_features_and_train_keyword():
     assert set(feats) == {"stem", "layer1", "layer2", "layer3", "layer4", "pre_logits"}  # traced dicts come back key-sorted
     assert feats["stem"].shape == (2, 16, 16, 64) and feats["layer4"].shape == (2, 2, 2, 2048)
     assert jax.eval_shape(model.apply, v, x).shape == (2, 7)
-    with pytest.raises(Exception):  # train=True without mutable batch_stats must not silently pass
+    with pytest.raises(flax.errors.ModifyScopeVariableError):  # train=True without mutable batch_stats must not silently pass
         jax.eval_shape(lambda v, x: model.apply(v, x, train=True), v, x)
 
 
@@ -128,3 +129,18 @@ def test_grouped_conv_gradients_equal_lax(stride, groups):
     dw = jax.vjp(ours, *bf[:2])[1](bf[2])[1]
     assert dw.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(want[1], np.float32), rtol=0, atol=2e-2 * float(jnp.abs(want[1]).max()))
+
+
+def test_nchw_batch_is_refused_with_one_line():
+    model = flax_resnet.resnet18(num_classes=3)
+    v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    for shape in [(2, 3, 32, 32), (2, 32, 32, 1), (32, 32, 3)]:
+        with pytest.raises(ValueError, match=r"inputs are NHWC: expected 3 channels in the last axis, got shape") as e:
+            jax.eval_shape(model.apply, v, jnp.zeros(shape))
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"NCHW batch\? use x.transpose\(0, 2, 3, 1\)"):
+        jax.eval_shape(model.apply, v, jnp.zeros((2, 3, 32, 32)))
+    deep = flax_resnet.resnet18d(num_classes=3)  # the deep stem's first conv is conv1/0
+    vd = jax.eval_shape(deep.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+    with pytest.raises(ValueError, match="expected 1 channels"):
+        jax.eval_shape(deep.apply, vd, jnp.zeros((2, 32, 32, 3)))

@@ -78,3 +78,24 @@ def test_v1_moves_the_stride_to_the_first_1x1_conv():
     v1 = torch_ref.ResNet("resnet50", stride_in_1x1=True)
     assert v15.layer2[0].conv2.stride == (2, 2) and v15.layer2[0].conv1.stride == (1, 1)
     assert v1.layer2[0].conv1.stride == (2, 2) and v1.layer2[0].conv2.stride == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "module,forbidden",
+    [("torch_ref", ("jax", "flax", "jaxlib")), ("flax_resnet", ("torch",)), ("flax_resnet.archs", ("jax", "torch"))],
+)
+def test_import_isolation(module, forbidden):
+    """``import torch_ref`` needs no JAX (it reads only ``flax_resnet.archs``); ``import flax_resnet`` needs no torch."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(sorted(m for m in {forbidden!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_factory_defaults_to_the_torchvision_layout():
+    for name in ARCHS:
+        assert getattr(torch_ref, name).__defaults__[2] == "torchvision", name
+    assert "layer1.0.downsample.0.weight" in torch_ref.resnet50().state_dict()
+    assert "layer1.0.identity_downsample.0.bias" in torch_ref.resnet50(layout="seed").state_dict()
