@@ -393,13 +393,15 @@ def layers(spec: ArchSpec, layout: str = "torchvision", num_classes: int = 1000,
         yield named(cn, "conv", c, c.out_ch)
         yield named(bnn, "bn", None, c.out_ch)
     for b in blocks(spec):
+        branch = []
         for i, c in enumerate(b.convs, start=1):
-            yield named(f"{b.name}.conv{i}", "conv", c, c.out_ch)
-            yield named(f"{b.name}.bn{i}", "bn", None, c.out_ch)
+            branch += [named(f"{b.name}.conv{i}", "conv", c, c.out_ch), named(f"{b.name}.bn{i}", "bn", None, c.out_ch)]
+        shortcut = []
         if b.downsample is not None:
             ci, bi = b.shortcut_indices
-            yield named(f"{b.name}.downsample.{ci}", "conv", b.downsample, b.downsample.out_ch)
-            yield named(f"{b.name}.downsample.{bi}", "bn", None, b.downsample.out_ch)
+            shortcut = [named(f"{b.name}.downsample.{ci}", "conv", b.downsample, b.downsample.out_ch), named(f"{b.name}.downsample.{bi}", "bn", None, b.downsample.out_ch)]
+        # transformers registers a layer's shortcut before its branch; state_dicts keep that order.
+        yield from (shortcut + branch if layout == "transformers" else branch + shortcut)
     if num_classes:
         yield named("fc", "linear", None, num_classes, spec.num_features)
 

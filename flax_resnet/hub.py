@@ -359,7 +359,8 @@ def from_pretrained(name: str | os.PathLike, api: str = "linen", download: bool 
     from flax_resnet.checkpoint import load
 
     info = resolve(name, download=download, revision=revision)
-    model, variables = load(info.path, **load_kwargs)
+    # A model directory is read whole: its config.json names v1 strides (transformers) or the architecture (timm).
+    model, variables = load(info.directory if info.directory is not None else info.path, **load_kwargs)
     if api == "nnx":
         kwargs = {name: getattr(model, name) for name in ("dtype", "precision") if getattr(model, name, None) is not None}
         return fnnx.from_linen(model.arch, variables, **kwargs)

@@ -24,10 +24,16 @@ entries; module. prefixes), or an Orbax CheckpointManager step or root directory
 step). .pth files are read with torch.load(weights_only=True) only: a pickle that would
 run code is refused and nothing in it runs. Only .pth in or out needs torch.
 
---layout torchvision|seed: the output's layout (default: the source's). torchvision has
+A Hugging Face model directory (config.json next to model.safetensors or
+pytorch_model.bin; transformers' save_pretrained or a timm hub snapshot) is a SRC too:
+its config is checked against the weights, and v1 (downsample_in_bottleneck) and the
+class names are kept in the output's metadata (.msgpack, .safetensors, .npz, Orbax).
+
+--layout torchvision|seed|transformers: the output's layout (default: the source's). torchvision has
 bias-free convs and "downsample"; seed has conv biases and "identity_downsample"
 (resnet50/101/152). seed -> torchvision folds each conv bias into the next BatchNorm's
-running_mean (exact); torchvision -> seed adds zero biases.
+running_mean (exact); torchvision -> seed adds zero biases. transformers writes the keys
+of transformers' ResNetForImageClassification (7x7-stem, ungrouped architectures).
 
 Writes are atomic (temporary file, then rename); an existing output is replaced only with
 --force. Refused, with one line on stderr and exit status 2: unsafe pickles, corrupt or
@@ -74,8 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--layout",
         default="source",
-        choices=("source", "torchvision", "seed", "flax"),
-        help="key layout of the output: the source's, torchvision, seed, or flax (Flax keys in .safetensors/.npz)",
+        choices=("source", "torchvision", "seed", "transformers", "flax"),
+        help="key layout of the output: the source's, torchvision, seed, transformers (ResNetForImageClassification), or flax (Flax keys in .safetensors/.npz)",
     )
     c.add_argument("--dtype", default="keep", choices=("keep", "float32", "bfloat16"), help="floating weights kept as they are, or cast")
     c.add_argument("--force", action="store_true", help="overwrite an existing output")

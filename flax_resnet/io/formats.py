@@ -282,6 +282,11 @@ def read(path: str | os.PathLike) -> Checkpoint:
     Raises:
         FileNotFoundError, IsADirectoryError, CheckpointError.
     """
+    from flax_resnet.io import hf_dir
+
+    if hf_dir.is_model_dir(Path(path)):  # a Hugging Face model directory: config.json + weights
+        ck, extra = hf_dir.read_model_dir(Path(path), read)
+        return dataclasses.replace(ck, path=Path(path), meta={**ck.meta, **extra})
     fmt = detect_format(path)
     ck = READERS[fmt](Path(path))
     check_interrupt()

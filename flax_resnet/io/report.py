@@ -63,7 +63,8 @@ def convert(
     with deferred_interrupts():
         ck = read(src)
         r = resolve(ck, arch, None, allow_nonfinite)
-        out = write_resolved(Path(dst), fmt, r, layout, force, {"source_format": ck.format}, dt)
+        kept = {k: ck.meta[k] for k in ("labels", "stride_in_1x1", "source") if k in ck.meta}  # a model directory's config
+        out = write_resolved(Path(dst), fmt, r, layout, force, {"source_format": ck.format, **kept}, dt)
     out.update(
         src=str(src),
         src_format=ck.format,

@@ -44,7 +44,8 @@ from flax_resnet.io.common import (
 from flax_resnet.io.formats import META_VERSION, SAFETENSORS_META_KEY, Checkpoint, read
 from flax_resnet.io.sniff import FLAX_NATIVE, FORMATS, format_for_path
 
-OUTPUT_LAYOUTS = ("torchvision", "seed", "flax")
+OUTPUT_LAYOUTS = ("torchvision", "seed", "transformers", "flax")
+TORCH_LAYOUTS = ("torchvision", "seed", "transformers")
 BN_STATS = (".running_mean", ".running_var", ".num_batches_tracked")
 
 
@@ -142,8 +143,10 @@ def resolve(ck: Checkpoint, arch: str | None = None, layout: str | None = None, 
         allow_nonfinite: accept NaN/Inf weights.
     """
     arch = None if arch in (None, "auto") else get_arch(arch).name
-    if layout not in (None, "torchvision", "seed"):
-        raise ValueError(f"unknown layout {layout!r}; choose torchvision or seed")
+    if arch is None and ck.meta.get("source") == "timm":  # a timm model directory names its architecture
+        arch = ck.meta.get("arch")
+    if layout not in (None, *TORCH_LAYOUTS):
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(TORCH_LAYOUTS)}")
     where = str(ck.path)
     if ck.keys == "torch":
         sd = ck.tensors
@@ -261,8 +264,12 @@ def load(
     """
     from flax_resnet.model import ResNet
 
-    cfg, variables = load_variables(path, arch, layout, param_dtype, allow_nonfinite)
+    with deferred_interrupts():
+        r = resolve(read(path), arch, layout, allow_nonfinite)
+    cfg, variables = r.config, cast_tree(r.variables, as_dtype(param_dtype))
     kwargs: dict[str, Any] = {}
+    if r.source.meta.get("stride_in_1x1"):  # ResNet v1, known only from a config or metadata
+        kwargs["stride_in_1x1"] = True
     dtypes = {np.asarray(v).dtype for v in flat(variables["params"]).values()}
     if len(dtypes) == 1:
         kwargs["param_dtype"] = dtypes.pop()
@@ -299,11 +306,11 @@ def write_resolved(p: Path, fmt: str, r: Resolved, layout: str | None, force: bo
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(OUTPUT_LAYOUTS)}")
     if layout == "flax" and fmt == "pth":
         raise ValueError("layout 'flax' (flattened Flax keys) is for .safetensors/.npz outputs; a .pth holds a torch state_dict")
-    if layout in ("torchvision", "seed"):
+    if layout in TORCH_LAYOUTS:
         check_layout(r.config.arch, layout)
     flax_keys = fmt in FLAX_NATIVE or layout == "flax"
     if flax_keys:
-        if layout in ("torchvision", "seed") and layout != r.config.layout:
+        if layout in TORCH_LAYOUTS and layout != r.config.layout:
             variables = relayout(r.variables, r.config, layout)
             cfg = dataclasses.replace(r.config, layout=layout)
         else:
