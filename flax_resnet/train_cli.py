@@ -305,61 +305,6 @@ def _replicated(state, mesh):
     return training.replicate(state, mesh)
 
 
-def _read_metrics(path: str, upto: int) -> list[dict]:
-    """The records of epochs 1..upto; a line cut short by a crash (the last, unparseable) is dropped."""
-    out = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] <= upto:
-                    out.append(r)
-    return out
-
-
-def curves_figure(records: list[dict], title: str | None = None):
-    """Loss and accuracy against epoch (integer ticks): train in one colour, test in another, in both panels."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    ep = [r["epoch"] for r in records]
-    colour = {"train": "C0", "test": "C1"}
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.plot(ep, [r["train_loss"] for r in records], "o-", color=colour["train"], label="train (running)")
-    a1.plot(ep, [r["test_loss"] for r in records], "o-", color=colour["test"], label="test")
-    a1.set_ylabel("cross-entropy")
-    a1.set_yscale("log")
-    a2.plot(ep, [100 * r["train_accuracy"] for r in records], "o-", color=colour["train"], label="train (running)")
-    a2.plot(ep, [100 * r["test_accuracy"] for r in records], "o-", color=colour["test"], label="test")
-    a2.set_ylabel("accuracy (%)")
-    for ax in (a1, a2):
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def plot_curves(records: list[dict], path: str, title: str | None = None) -> None:
-    """``curves_figure`` written to ``path`` as a PNG (atomically: temp file, then rename)."""
-    import matplotlib.pyplot as plt
-
-    fig = curves_figure(records, title)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 @dataclasses.dataclass
 class _Run:
     """What the epoch loop needs."""
@@ -379,6 +324,7 @@ class _Run:
 def _train(run: _Run, start_epoch: int, records: list[dict]) -> None:
     """Epochs ``start_epoch + 1 .. --epochs``: train, evaluate, checkpoint, log, plot."""
     from flax_resnet import training
+    from flax_resnet.training import logs
 
     args = run.args
     metrics_path = os.path.join(args.workdir, "metrics.jsonl")
@@ -437,7 +383,7 @@ def _train(run: _Run, start_epoch: int, records: list[dict]) -> None:
         if run.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            plot_curves(records, os.path.join(args.workdir, "curves.png"), f"{run.config['arch']} on {run.ds.name} (batch {args.batch_size}, {args.dtype})")
+            logs.plot_curves(records, os.path.join(args.workdir, "curves.png"), f"{run.config['arch']} on {run.ds.name} (batch {args.batch_size}, {args.dtype})")
             compiling = f" ({first_step['s']:.1f}s of it the first step, compiling)" if epoch == start_epoch and "s" in first_step else ""
             _say(
                 f"epoch {epoch + 1}/{args.epochs}: train loss {tm['train_loss']:.4f}, test loss {ev['loss']:.4f}, "
@@ -454,6 +400,7 @@ def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from flax_resnet import training
+    from flax_resnet.training import logs
 
     dtype = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     init_rng, head_rng = jax.random.split(jax.random.key(args.seed))
@@ -487,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = training.Checkpointer(os.path.join(args.workdir, "checkpoints"), max_to_keep=args.keep_checkpoints)
     state, start_epoch = _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh)
     metrics_path = os.path.join(args.workdir, "metrics.jsonl")
-    records = _read_metrics(metrics_path, start_epoch)
+    records = logs.read_metrics(metrics_path, start_epoch)
     if main:
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)

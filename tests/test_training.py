@@ -473,11 +473,11 @@ def test_plot_has_integer_epochs_and_one_colour_per_split():
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from flax_resnet import train_cli
+    from flax_resnet.training import logs
 
     recs = [{"epoch": e, "train_loss": 1 / e, "test_loss": 1.2 / e, "train_accuracy": 0.5 + e / 10, "test_accuracy": 0.4 + e / 10}
             for e in (1, 2, 3)]
-    fig = train_cli.curves_figure(recs)
+    fig = logs.curves_figure(recs)
     fig.canvas.draw()
     colours = {}
     for ax in fig.axes:

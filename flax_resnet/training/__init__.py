@@ -27,6 +27,8 @@ Modules, one concern each:
 * ``loops``: ``train_epoch`` and ``evaluate``, on ``run_epoch`` /
   ``run_eval``, which drive any front end's step (the NNX one too).
 * ``finetune``: ``replace_head`` and ``load_pretrained``.
+* ``logs``: a run's ``metrics.jsonl`` and ``curves.png`` (matplotlib only
+  when plotting).
 """
 
 from flax_resnet.training.checkpointer import Checkpointer, CheckpointRestoreError
