@@ -97,8 +97,8 @@ def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, A
     else:
         spec = get_arch(model_or_arch)
         cfg, has_bias = infer_flax_config(variables)
-        kernel = variables["params"]["fc"]["kernel"]
-        kw = dict(conv_bias=has_bias, param_dtype=np.dtype(kernel.dtype), scan_blocks=is_stacked(variables))
+        dtype = np.dtype(jax.tree.leaves(variables["params"])[0].dtype)
+        kw = dict(conv_bias=has_bias, param_dtype=dtype, scan_blocks=is_stacked(variables))
         kw.update(model_kwargs)
         model = nnx.eval_shape(lambda: ResNet(spec, cfg.num_classes, cfg.in_channels, rngs=nnx.Rngs(0), **kw))
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from flax_resnet import archs, kernels
 from flax_resnet.archs import ArchSpec, BlockSpec, ConvSpec, get_arch, stem_convs
-from flax_resnet.model import avg_pool_ceil
+from flax_resnet.layers import avg_pool_ceil
 from flax_resnet.nnx.functional import batch_norm
 
 Dtype = Any
@@ -249,7 +249,8 @@ class ResNet(nnx.Module):
 
     Args:
         arch: architecture name (``"resnet50"``, ``"resnet50d"``) or an ``ArchSpec``.
-        num_classes: outputs of ``fc``.
+        num_classes: outputs of ``fc``; 0 builds no ``fc`` (a headless
+            backbone whose "logits" are the pooled features).
         in_channels: input channels (NNX layers need them up front).
         conv_bias: convs carry a bias (the seed layout).
         stride_in_1x1: ResNet v1 (stride in the first 1x1 conv of a bottleneck).
@@ -310,9 +311,10 @@ class ResNet(nnx.Module):
             else:
                 layer = nnx.List([Block(b, s, zero_init_residual=zero_init_residual, rngs=rngs) for b in specs])
             setattr(self, f"layer{stage}", layer)
-        self.fc = nnx.Linear(
-            spec.num_features, num_classes, dtype=dtype, param_dtype=param_dtype, precision=precision,
-            kernel_init=_fc_init, rngs=rngs,
+        self.fc = (
+            nnx.Linear(spec.num_features, num_classes, dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=_fc_init, rngs=rngs)
+            if num_classes
+            else None
         )
 
     def intermediates(self, x: jax.Array, blocks: bool = False) -> dict[str, jax.Array]:
@@ -347,8 +349,9 @@ class ResNet(nnx.Module):
             out[f"layer{i}"] = x
         x = jnp.mean(x, axis=(1, 2))
         out["pre_logits"] = x
-        logits = self.fc(x)
-        out["logits"] = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        if self.fc is not None:
+            x = self.fc(x)
+        out["logits"] = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # num_classes=0: the pooled features
         return out
 
     def features(self, x: jax.Array) -> dict[str, jax.Array]:
