@@ -18,7 +18,6 @@ statistics, running stats updated as torch does) or ``model.eval()``
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import jax
@@ -28,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from flax_resnet.training import cross_entropy, make_optimizer, shard_batch
+from flax_resnet.training import cross_entropy, make_optimizer, run_epoch, run_eval
 from flax_resnet.training import replicate as _replicate_tree
 
 __all__ = [
@@ -118,75 +117,26 @@ def train_epoch(
     mesh: Mesh | None = None,
     progress: Callable[[int, dict], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over the training set in ``(seed, epoch)`` order (``flax_resnet.data.batches``), in place.
+    """One pass of ``train_step`` over the training set (``flax_resnet.training.run_epoch``), in place.
 
-    The same batches as the Linen ``train_epoch``. Returns ``{"train_loss",
-    "train_accuracy", "images_per_sec", "steps", "seconds"}``;
-    ``images_per_sec`` leaves out the first step (which carries compilation).
+    The same batches, in the same ``(seed, epoch)`` order, as the Linen
+    ``train_epoch``; the step is ``nnx.cached_partial`` of the jitted one
+    (the model and optimizer graphs are traversed once, not per step).
+    Returns ``run_epoch``'s metrics.
     """
-    from flax_resnet.data import batches
-
     step = nnx.cached_partial(_train_step, model, optimizer)
-    losses, accs = [], []
-    t_first = t0 = time.perf_counter()
-    steps = 0
-    for x, y in batches(images, labels, batch_size, seed=seed, epoch=epoch, max_shift=max_shift):
-        x, y = shard_batch(mesh, x, y)
-        m = step(x, y, float(label_smoothing))
-        steps += 1
-        losses.append(m["loss"])
-        accs.append(m["accuracy"])
-        if steps == 1:
-            jax.block_until_ready(m["loss"])
-            t_first = time.perf_counter()
-        if progress is not None:
-            progress(steps, m)
-    if steps == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the {len(labels)} training images")
+    smoothing = float(label_smoothing)
+    metrics = run_epoch(lambda x, y: step(x, y, smoothing), images, labels, batch_size, epoch=epoch, seed=seed, max_shift=max_shift, mesh=mesh, progress=progress)
     jax.block_until_ready(nnx.state(model))
-    t_end = time.perf_counter()
-    timed_steps, timed_s = (steps - 1, t_end - t_first) if steps > 1 else (1, t_end - t0)
-    return {
-        "train_loss": float(np.mean(jax.device_get(losses))),
-        "train_accuracy": float(np.mean(jax.device_get(accs))),
-        "images_per_sec": timed_steps * batch_size / max(timed_s, 1e-9),
-        "steps": steps,
-        "seconds": t_end - t0,
-    }
+    return metrics
 
 
 def evaluate(model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_size: int, mesh: Mesh | None = None) -> dict[str, float]:
-    """Eval-mode loss and accuracy over all of ``images`` (last batch padded and masked).
+    """Eval-mode loss and accuracy over all of ``images`` (``flax_resnet.training.run_eval``).
 
-    Runs ``model.eval()`` for the pass and restores train mode afterwards
-    if the model was training.
+    Runs an eval view of the model (``nnx.view(model,
+    use_running_average=True)``, sharing its variables), so the model keeps
+    its own mode.
     """
-    was_training = not _in_eval_mode(model)
-    model.eval()
-    try:
-        n = len(labels)
-        if mesh is not None:
-            batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-        sums = []
-        for start in range(0, n, batch_size):
-            x, y = images[start : start + batch_size], labels[start : start + batch_size]
-            k = len(y)
-            mask = np.zeros(batch_size, np.float32)
-            mask[:k] = 1
-            if k < batch_size:
-                x = np.concatenate([x, np.zeros((batch_size - k,) + x.shape[1:], x.dtype)])
-                y = np.concatenate([y, np.zeros(batch_size - k, y.dtype)])
-            sums.append(eval_step(model, *shard_batch(mesh, x, y, mask)))
-    finally:
-        if was_training:
-            model.train()
-    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for s in jax.device_get(sums):
-        for key in totals:
-            totals[key] += float(s[key])
-    count = max(totals["count"], 1.0)
-    return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count, "count": int(totals["count"])}
-
-
-def _in_eval_mode(model: nnx.Module) -> bool:
-    return all(getattr(m, "use_running_average", True) for _, m in nnx.iter_modules(model))
+    view = nnx.view(model, use_running_average=True)
+    return run_eval(lambda x, y, mask: eval_step(view, x, y, mask), images, labels, batch_size, mesh)
