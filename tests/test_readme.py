@@ -128,8 +128,13 @@ def _run(kind: str, script: Path, cwd: Path, env: dict) -> subprocess.CompletedP
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax-cache")
+
+
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"L{b['line']}-{b['lang']}" for b in RUNNABLE])
-def test_readme_block_runs_as_written(block, tmp_path):
+def test_readme_block_runs_as_written(block, tmp_path, jax_cache):
     code, skip, cache = _prepare(block)
     if skip is not None:
         pytest.skip(f"README.md:{block['line']}: {skip}")
@@ -145,6 +150,11 @@ def test_readme_block_runs_as_written(block, tmp_path):
     env["TORCH_HOME"] = str(tmp_path / "torch")  # never the user's caches
     env["HF_HUB_CACHE"] = str(tmp_path / "hf")
     env["HF_HUB_OFFLINE"] = "1"
+    # JAX's persistent compilation cache, shared by the blocks: a rerun (and a block compiling what another
+    # block already compiled) loads executables instead of compiling them again; the results are the same.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(jax_cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     _fill_torch_hub(tmp_path / "torch", cache)
     runs = 0
     while True:
