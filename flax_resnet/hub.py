@@ -43,6 +43,7 @@ from flax_resnet import preprocess as pp
 from flax_resnet.archs import ARCHS
 
 TORCHVISION_URL = "https://download.pytorch.org/models/"
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz", ".msgpack")
 
 # torchvision/models/resnet.py: (enum class, arch) -> {tag: (file name, resize_size)}; crop_size is 224 for all.
 _TV = {
@@ -310,11 +311,14 @@ def resolve(name: str | os.PathLike, download: bool = True, revision: str | None
     w = TORCHVISION_WEIGHTS.get(key.lower())
     if w is not None:
         return _torchvision(raw, w, download)
+    if key.startswith(("/", "./", "../", "~")) or key.lower().endswith(_FILE_SUFFIXES):
+        raise FileNotFoundError(f"{raw}: no such file or directory")
     repo = key.removeprefix("hf-hub:").removeprefix("hf_hub:")
     if "/" not in repo and "." in repo and repo.split(".")[0] in ARCHS:
         repo = f"timm/{repo}"  # timm's bare names live under timm/ on the hub
     if re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        return _from_hf_dir(raw, hf_snapshot(repo, download and not os.environ.get("HF_HUB_OFFLINE"), revision))
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        return _from_hf_dir(raw, hf_snapshot(repo, download and not offline, revision))
     raise ValueError(
         f"unknown pretrained name {raw!r}: not a file, a torchvision weights name (ResNet50_Weights.IMAGENET1K_V2, "
         f"resnet50-11ad3fa6.pth, resnet50), or a Hugging Face hub id (timm/resnet50.a1_in1k, microsoft/resnet-50)"

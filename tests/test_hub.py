@@ -207,6 +207,8 @@ def test_hf_misses_are_one_line(caches, monkeypatch):
 def test_unknown_names_and_apis():
     with pytest.raises(ValueError, match=r"^unknown pretrained name 'resnet5O'"):
         hub.resolve("resnet5O")
+    with pytest.raises(FileNotFoundError, match=r"^runs/x/model.safetensors: no such file or directory$"):
+        hub.resolve("runs/x/model.safetensors")
     with pytest.raises(ValueError, match="unknown api"):
         flax_resnet.from_pretrained("resnet50", api="keras")
 
