@@ -109,10 +109,11 @@ def digest(name: str, a: np.ndarray) -> float:
     return float(generator(f"digest:{name}").standard_normal(a.size) @ a)
 
 
-def digest_scale(name: str, a: np.ndarray) -> float:
-    """``sum(|w * a|)``: the magnitude a digest's error is measured against."""
+def digest_scale(name: str, a: np.ndarray) -> tuple[float, float]:
+    """``(digest(name, a), sum(|w * a|))``: the digest and the magnitude its error is measured against, from one draw of ``w``."""
     a = np.asarray(a, np.float64).ravel()
-    return float(np.abs(generator(f"digest:{name}").standard_normal(a.size)) @ np.abs(a))
+    w = generator(f"digest:{name}").standard_normal(a.size)
+    return float(w @ a), float(np.abs(w) @ np.abs(a))
 
 
 def pooled(a: np.ndarray, channels: int = 8) -> np.ndarray:

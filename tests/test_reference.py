@@ -69,7 +69,8 @@ class Mismatch:
     def digests(self, name: str, tensors: dict[str, np.ndarray], want: np.ndarray, tol: float = TOL):
         """Each tensor's digest against the fixture's, relative to its own magnitude."""
         for (key, a), w in zip(tensors.items(), want):
-            self.close(f"{name} {key}", rw.digest(key, a), w, scale=rw.digest_scale(key, a) or 1.0, tol=tol)
+            got, scale = rw.digest_scale(key, a)
+            self.close(f"{name} {key}", got, w, scale=scale or 1.0, tol=tol)
 
     def check(self):
         assert not self.errors, f"{self.who} differs from the real library at {len(self.errors)} point(s):\n" + "\n".join(self.errors[:25])
@@ -135,11 +136,11 @@ def test_torch_ref_matches_library(arch):
     import torch_ref
 
     meta, want = fixture(arch)
-    model = torch_ref.ResNet(arch, num_classes=meta["num_classes"], layout="torchvision")
+    with torch.device("meta"):  # no init: the float64 weights are assigned below
+        model = torch_ref.ResNet(arch, num_classes=meta["num_classes"], layout="torchvision")
     got_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got_shapes == shapes(meta), {k: (got_shapes.get(k), shapes(meta).get(k)) for k in set(got_shapes) ^ set(shapes(meta))}
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in rw.reference_weights(shapes(meta)).items()}, strict=True)
-    model.double()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in rw.reference_weights(shapes(meta)).items()}, strict=True, assign=True)
     m = Mismatch(f"torch_ref {arch}")
     for size in rw.SIZES:
         x = torch.from_numpy(rw.images(size))
