@@ -155,3 +155,50 @@ def to_torch(model: ResNet, layout: str = "torchvision", num_batches_tracked: in
     and torchvision/timm; the exact inverse of ``from_torch``.
     """
     return flax_to_torch(jax.device_get(to_linen(model)), layout=layout, num_batches_tracked=num_batches_tracked)
+
+
+class LinenApply:
+    """An NNX ResNet behind the Linen calling convention: ``apply(variables, x, train=..., method=..., mutable=...)``.
+
+    For code written against ``flax_resnet.ResNet`` (the parity harness, the
+    benchmarks): each ``apply`` merges the Linen ``variables`` (e.g.
+    ``to_linen(model)``) into the NNX model's graph, sets BatchNorm's mode
+    from ``train``, and runs the NNX modules; with ``mutable`` it also returns
+    the updated ``batch_stats``. Pure, so it works under ``jax.jit`` and
+    ``jax.grad`` like ``ResNet.apply``.
+    """
+
+    def __init__(self, model: ResNet):
+        self.graphdef, state = nnx.split(model)
+        self.template = [(path, tuple(str(p) for p in path), _collection(var, path), var) for path, var in nnx.to_flat_state(state)]
+        self.arch = model.arch
+        self.scan_blocks = model.scan_blocks
+
+    def merge(self, variables: Mapping[str, Any]) -> ResNet:
+        """The NNX model holding ``variables`` (Linen tree of this model's form)."""
+        flat = []
+        for path, keys, collection, var in self.template:
+            node = variables[collection]
+            for k in keys:
+                node = node[k]
+            flat.append((path, var.replace(node)))
+        return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
+
+    def apply(self, variables: Mapping[str, Any], x: jax.Array, train: bool = False, blocks: bool = False, method: str | None = None, mutable: Any = False):
+        """``flax_resnet.ResNet.apply`` of the NNX modules (``method``: None, ``"intermediates"`` or ``"features"``)."""
+        model = self.merge(variables)
+        if train:
+            model.train()
+        else:
+            model.eval()
+        if method is None:
+            out = model(x)
+        elif method == "intermediates":
+            out = model.intermediates(x, blocks=blocks)
+        elif method == "features":
+            out = model.features(x)
+        else:
+            raise ValueError(f"unknown method {method!r}: use None, 'intermediates' or 'features'")
+        if mutable:
+            return out, {"batch_stats": to_linen(model)["batch_stats"]}
+        return out
