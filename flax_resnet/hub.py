@@ -109,7 +109,9 @@ class Pretrained:
     Attributes:
         name: as asked for.
         source: ``"torchvision"``, ``"timm"``, ``"transformers"`` or ``"file"``.
-        path: the weights file (or Orbax directory) ``flax_resnet.load`` reads.
+        path: what ``flax_resnet.load`` reads: the weights file, Orbax
+            directory or Hugging Face model directory (whose ``config.json`` is
+            checked against the weights).
         directory: the Hugging Face snapshot (or model) directory, if any.
         labels: class names by index, where the source has them.
         preprocess: the source's evaluation transform (a default for plain files).
@@ -266,7 +268,7 @@ def _from_hf_dir(name: str, d: Path) -> Pretrained:
     if "pretrained_cfg" in cfg or "architecture" in cfg:  # timm's push_to_hub config
         labels = cfg.get("label_names")
         prep = pp.timm_preset(cfg.get("pretrained_cfg", {}), f"timm pretrained_cfg of {name}")
-        return Pretrained(name, "timm", weights, d, tuple(labels) if labels else None, prep)
+        return Pretrained(name, "timm", d, d, tuple(labels) if labels else None, prep)
     id2label = cfg.get("id2label")
     labels = None
     if isinstance(id2label, dict) and id2label:
@@ -278,7 +280,7 @@ def _from_hf_dir(name: str, d: Path) -> Pretrained:
             labels = tuple(by_index[i] for i in range(len(by_index)))
     proc = d / "preprocessor_config.json"
     prep = pp.transformers_preset(_read_json(proc), f"preprocessor_config.json of {name}") if proc.is_file() else pp.Preprocess()
-    return Pretrained(name, "transformers", weights, d, labels, prep)
+    return Pretrained(name, "transformers", d, d, labels, prep)
 
 
 def resolve(name: str | os.PathLike, download: bool = True, revision: str | None = None) -> Pretrained:

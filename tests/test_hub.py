@@ -166,10 +166,10 @@ def test_timm_hub_id_through_the_hf_cache(caches):
                            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     }
     snap = _hf_repo(caches, "timm/resnet18.a1_in1k", {"config.json": cfg, "model.safetensors": _write_safetensors})
-    expected = flax_resnet.load(snap / "model.safetensors")
+    expected = flax_resnet.load(snap)
     for name in ("timm/resnet18.a1_in1k", "hf-hub:timm/resnet18.a1_in1k", "resnet18.a1_in1k"):
         info = hub.resolve(name, download=False)
-        assert info.source == "timm" and info.directory == snap and info.path == snap / "model.safetensors"
+        assert info.source == "timm" and info.directory == info.path == snap
         assert info.labels[7] == "n00000007" and len(info.labels) == 1000
         p = info.preprocess
         assert (p.resize, p.crop, p.interpolation, p.crop_rounding) == (235, 224, "bicubic", "round")  # floor(224 / 0.95)
@@ -177,18 +177,24 @@ def test_timm_hub_id_through_the_hf_cache(caches):
 
 
 def test_transformers_hub_id_through_the_hf_cache(caches):
-    # A transformers repo's config and preprocessor config; the weights are torchvision-keyed here
-    # (flax_resnet.load does not read transformers' own key layout yet).
-    cfg = {"model_type": "resnet", "architectures": ["ResNetForImageClassification"],
-           "id2label": {str(i): f"class {i}" for i in range(1000)}}
+    # A real transformers ResNet (ResNet-18 shapes, 10 classes) saved as save_pretrained / the hub cache hold it.
+    import transformers
+
+    config = transformers.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic",
+                                       num_labels=10, id2label={i: f"class {i}" for i in range(10)})
+    torch.manual_seed(0)
     proc = {"crop_pct": 0.875, "do_normalize": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
             "image_std": [0.229, 0.224, 0.225], "resample": 3, "size": {"shortest_edge": 224}}
-    snap = _hf_repo(caches, "microsoft/resnet-18", {"config.json": cfg, "preprocessor_config.json": proc, "model.safetensors": _write_safetensors})
+    snap = _hf_repo(caches, "microsoft/resnet-18", {"preprocessor_config.json": proc})
+    transformers.ResNetForImageClassification(config).save_pretrained(snap)
     info = hub.resolve("microsoft/resnet-18", download=False)
-    assert info.source == "transformers" and info.directory == snap and info.labels[999] == "class 999"
+    assert info.source == "transformers" and info.directory == info.path == snap
+    assert info.labels == tuple(f"class {i}" for i in range(10))
     p = info.preprocess
     assert (p.resize, p.crop, p.interpolation, p.crop_rounding) == (256, 224, "bicubic", "floor")
-    _assert_same(flax_resnet.from_pretrained("microsoft/resnet-18", download=False), flax_resnet.load(snap / "model.safetensors"))
+    got = flax_resnet.from_pretrained("microsoft/resnet-18", download=False)
+    assert (got[0].arch, got[0].num_classes) == ("resnet18", 10)
+    _assert_same(got, flax_resnet.load(snap))
     # the snapshot directory itself is a name too
     assert hub.resolve(str(snap)).labels == info.labels
 
