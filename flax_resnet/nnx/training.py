@@ -140,3 +140,62 @@ def evaluate(model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_si
     """
     view = nnx.view(model, use_running_average=True)
     return run_eval(lambda x, y, mask: eval_step(view, x, y, mask), images, labels, batch_size, mesh)
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _opt_variables(optimizer: nnx.Optimizer) -> dict[tuple[str, ...], nnx.Variable]:
+    """The optimizer state's variables by path, as Linen's ``opt_state`` spells it (``("1", "0", "trace", "layer1", "0", ...)``)."""
+    return {tuple(str(p) for p in path[1:]): var for path, var in nnx.to_flat_state(nnx.state(optimizer)) if path[0] == "opt_state"}
+
+
+class TrainStateBridge:
+    """The NNX model and ``nnx.Optimizer`` holding a Linen ``TrainState``'s arrays, and back.
+
+    ``flax-resnet train --api nnx`` trains with the NNX modules, optimizer and
+    step, and checkpoints the Linen ``TrainState`` (the same Orbax layout),
+    so a run resumes under either API. Every conversion is a relabeling of
+    the same arrays: params and BatchNorm statistics through
+    ``to_linen``/``from_linen``, the optimizer state (same optax
+    transformation, same tree under other names) by path.
+    """
+
+    def __init__(self, linen_model: Any, state: Any):
+        from flax_resnet.nnx.convert import from_linen
+
+        kw = {k: getattr(linen_model, k) for k in ("dtype", "precision", "stride_in_1x1", "scan_blocks", "remat", "bn_momentum", "bn_eps")}
+        self.model = from_linen(linen_model.spec.name, state.variables(), **kw)
+        self.optimizer = create_optimizer(self.model, state.tx)
+        self.load(state)
+
+    def load(self, state: Any) -> None:
+        """Puts ``state``'s step, params, BatchNorm statistics and optimizer state into the NNX objects."""
+        from flax_resnet.nnx.convert import from_linen
+
+        from_linen(self.model, state.variables())
+        opt = _opt_variables(self.optimizer)
+        given = {tuple(_key_name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
+        if set(given) != set(opt):
+            raise ValueError(f"optimizer states differ: {sorted(set(given) ^ set(opt))[:4]}")
+        for path, var in opt.items():
+            var.set_value(given[path])
+        self.optimizer.step.set_value(jnp.asarray(state.step, self.optimizer.step[...].dtype))
+        if state.frozen_backbone:
+            self.model.eval()
+        else:
+            self.model.train()
+
+    def to_state(self, state: Any) -> Any:
+        """``state`` with the NNX objects' step, params, BatchNorm statistics and optimizer state."""
+        from flax_resnet.nnx.convert import to_linen
+
+        variables = to_linen(self.model)
+        opt = _opt_variables(self.optimizer)
+        opt_state = jax.tree_util.tree_map_with_path(lambda path, _: opt[tuple(_key_name(k) for k in path)][...], state.opt_state)
+        step = jnp.asarray(self.optimizer.step[...], jnp.asarray(state.step).dtype)
+        return state.replace(step=step, params=variables["params"], batch_stats=variables["batch_stats"], opt_state=opt_state)
