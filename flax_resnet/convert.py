@@ -10,218 +10,44 @@ raised together in one ``ConversionError``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from flax_resnet import archs
-from flax_resnet.archs import ARCHS, ArchSpec, check_layout, get_arch
+from flax_resnet.archs import ARCHS, check_layout, get_arch
 
-# ---------------------------------------------------------------------------
-# The mapping
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """A named, exact, invertible map between a torch and a Flax array."""
-
-    name: str
-    to_flax: Callable[[np.ndarray], np.ndarray]
-    to_torch: Callable[[np.ndarray], np.ndarray]
-
-
-IDENTITY = Transform("identity", lambda a: a, lambda a: a)
-# Conv OIHW -> HWIO; grouped convs keep I = in / groups on both sides.
-CONV_KERNEL = Transform("conv_oihw_to_hwio", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1))
-# Linear (out, in) -> Dense (in, out).
-DENSE_KERNEL = Transform("linear_to_dense", lambda a: a.T, lambda a: a.T)
-
-
-def _reverse_axes3(a: np.ndarray, strip: int = 16) -> np.ndarray:
-    """``np.ascontiguousarray(a.transpose(2, 1, 0))`` for a 3-d array, faster.
-
-    Copies strips of ``strip`` rows of the first axis at a time, so each
-    strip's source rows and destination cache lines stay in cache (numpy's
-    plain transposed copy gathers one element per cache line). Exact: a copy.
-    """
-    out = np.empty(a.shape[::-1], a.dtype)
-    view = out.transpose(2, 1, 0)
-    for i in range(0, a.shape[0], strip):
-        np.copyto(view[i : i + strip], a[i : i + strip])
-    return out
-
-
-def _oihw_to_hwio(a: np.ndarray) -> np.ndarray:
-    o, i, h, w = a.shape
-    return _reverse_axes3(np.ascontiguousarray(a).reshape(o, i, h * w)).reshape(h, w, i, o)
-
-
-def _hwio_to_oihw(a: np.ndarray) -> np.ndarray:
-    h, w, i, o = a.shape
-    return _reverse_axes3(np.ascontiguousarray(a).reshape(h * w, i, o)).reshape(o, i, h, w)
-
-
-def _transpose2(a: np.ndarray) -> np.ndarray:
-    m, n = a.shape
-    return _reverse_axes3(np.ascontiguousarray(a).reshape(m, 1, n)).reshape(n, m)
-
-
-# The same maps, materialized (contiguous copies) fast; keyed by transform name.
-_COPY_TO_FLAX = {"conv_oihw_to_hwio": _oihw_to_hwio, "linear_to_dense": _transpose2}
-_COPY_TO_TORCH = {"conv_oihw_to_hwio": _hwio_to_oihw, "linear_to_dense": _transpose2}
-_PARALLEL_BYTES = 8 << 20  # thread the copies of trees larger than this
-
-
-def _materialize(jobs: list[tuple[Callable[[], np.ndarray], int]]) -> list[np.ndarray]:
-    """Runs copy jobs ``(fn, nbytes)``, on a few threads when there is enough work (numpy releases the GIL)."""
-    import os
-
-    total = sum(n for _, n in jobs)
-    workers = min(os.cpu_count() or 1, 8)
-    if workers < 2 or total < _PARALLEL_BYTES:
-        return [fn() for fn, _ in jobs]
-    from concurrent.futures import ThreadPoolExecutor
-
-    order = sorted(range(len(jobs)), key=lambda k: -jobs[k][1])  # largest first balances the threads
-    out: list[Any] = [None] * len(jobs)
-    with ThreadPoolExecutor(workers) as ex:
-        for k, value in zip(order, ex.map(lambda k: jobs[k][0](), order)):
-            out[k] = value
-    return out
-
-
-def _to_flax_copy(leaf: "Leaf", value: np.ndarray, dtype: Any) -> np.ndarray:
-    fast = _COPY_TO_FLAX.get(leaf.transform.name)
-    out = fast(value) if fast is not None and np.ndim(value) == len(leaf.torch_shape) else np.array(leaf.transform.to_flax(value), order="C")
-    return out.astype(dtype, copy=False) if dtype is not None else out
-
-
-def _to_torch_copy(leaf: "Leaf", value: np.ndarray) -> np.ndarray:
-    fast = _COPY_TO_TORCH.get(leaf.transform.name)
-    if fast is not None and np.ndim(value) == len(leaf.torch_shape):
-        return fast(value)
-    return np.array(leaf.transform.to_torch(value), order="C")
-
-
-# torch leaf -> (Flax collection, Flax leaf, transform), per module kind.
-RULES: dict[str, tuple[tuple[str, str, str, Transform], ...]] = {
-    "conv": (("weight", "params", "kernel", CONV_KERNEL), ("bias", "params", "bias", IDENTITY)),
-    "bn": (
-        ("weight", "params", "scale", IDENTITY),
-        ("bias", "params", "bias", IDENTITY),
-        ("running_mean", "batch_stats", "mean", IDENTITY),
-        ("running_var", "batch_stats", "var", IDENTITY),
-    ),
-    "linear": (("weight", "params", "kernel", DENSE_KERNEL), ("bias", "params", "bias", IDENTITY)),
-}
-# torch-only state, dropped on the way in and written back on the way out.
-IGNORED_BN_LEAVES = ("num_batches_tracked",)
-PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
-TRANSFORMERS_BASE = ("embedder.embedder.", "encoder.stages.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Leaf:
-    torch_key: str
-    collection: str
-    flax_path: tuple[str, ...]
-    transform: Transform
-    torch_shape: tuple[int, ...]
-
-    @property
-    def flax_shape(self) -> tuple[int, ...]:
-        return tuple(self.transform.to_flax(np.empty(self.torch_shape, np.bool_)).shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """What a state_dict says about its model."""
-
-    arch: str
-    layout: str
-    num_classes: int
-    in_channels: int
-
-    @property
-    def conv_bias(self) -> bool:
-        return self.layout == "seed"
-
-
-def modules(spec: ArchSpec, layout: str, num_classes: int, in_channels: int):
-    """Yields ``(torch_prefix, flax_path, kind, torch_shapes)`` for every module (from ``archs.layers``)."""
-    for layer in archs.layers(spec, layout, num_classes, in_channels):
-        if layer.kind == "conv":
-            c = layer.conv
-            shapes = {"weight": (c.out_ch, c.in_ch // c.groups, c.kernel, c.kernel)}
-            if layout == "seed":
-                shapes["bias"] = (c.out_ch,)
-        elif layer.kind == "bn":
-            shapes = {k: (layer.features,) for k in ("weight", "bias", "running_mean", "running_var")}
-        else:
-            shapes = {"weight": (layer.features, layer.in_features), "bias": (layer.features,)}
-        yield layer.torch, layer.flax, layer.kind, shapes
-
-
-def leaves(cfg: ModelConfig) -> list[Leaf]:
-    """The full mapping for one model: every torch key and where it goes."""
-    spec = get_arch(cfg.arch)
-    check_layout(spec, cfg.layout)
-    out = []
-    for prefix, path, kind, shapes in modules(spec, cfg.layout, cfg.num_classes, cfg.in_channels):
-        for t_leaf, collection, f_leaf, transform in RULES[kind]:
-            if t_leaf in shapes:
-                out.append(Leaf(f"{prefix}.{t_leaf}", collection, (*path, f_leaf), transform, shapes[t_leaf]))
-    return out
-
-
-def conv_bn_pairs(spec: ArchSpec):
-    """Flax paths of every conv and the BatchNorm that follows it (``archs.conv_bn_pairs``)."""
-    for conv, bn in archs.conv_bn_pairs(spec):
-        yield conv.flax, bn.flax
-
-
-def bn_prefixes(cfg: ModelConfig) -> list[str]:
-    spec = get_arch(cfg.arch)
-    return [p for p, _, kind, _ in modules(spec, cfg.layout, cfg.num_classes, cfg.in_channels) if kind == "bn"]
-
-
-# ---------------------------------------------------------------------------
-# Errors
-
-
-class ConversionError(ValueError):
-    """Every mismatch between a state_dict and a model, collected.
-
-    Attributes:
-        missing: keys the model needs that the source lacks.
-        unexpected: source keys the model has no place for.
-        mismatched: ``(key, expected_shape, found_shape)`` triples.
-        other: any other problem, as text.
-    """
-
-    def __init__(self, target: str, missing=(), unexpected=(), mismatched=(), other=()):
-        self.target = target
-        self.missing, self.unexpected = list(missing), list(unexpected)
-        self.mismatched, self.other = list(mismatched), list(other)
-        super().__init__(self._message())
-
-    def _message(self, limit: int = 12) -> str:
-        def listed(items):
-            items = list(items)
-            more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
-            return ", ".join(items[:limit]) + more
-
-        parts = []
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing key(s): {listed(self.missing)}")
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected key(s): {listed(self.unexpected)}")
-        if self.mismatched:
-            shapes = (f"{k} expected {tuple(e)} found {tuple(f)}" for k, e, f in self.mismatched)
-            parts.append(f"{len(self.mismatched)} shape mismatch(es): {listed(shapes)}")
-        parts.extend(self.other)
-        return f"cannot convert to {self.target}: " + "; ".join(parts)
-
+# Re-exported: the mapping, the validator and the stacked-tree helpers are part of this module's API.
+from flax_resnet.mapping import (  # noqa: F401
+    CONV_KERNEL,
+    DENSE_KERNEL,
+    IDENTITY,
+    IGNORED_BN_LEAVES,
+    PREFIXES,
+    RULES,
+    TRANSFORMERS_BASE,
+    Leaf,
+    ModelConfig,
+    Transform,
+    _materialize,
+    _to_flax_copy,
+    _to_torch_copy,
+    bn_prefixes,
+    conv_bn_pairs,
+    leaves,
+    modules,
+)
+from flax_resnet.stacking import SCAN_NAME, is_stacked, stack_blocks, unstack_blocks  # noqa: F401
+from flax_resnet.validate import (  # noqa: F401
+    ConversionError,
+    _check_float_dtype,
+    _is_float,
+    check_finite,
+    check_state_dict,
+    check_variables,
+    nonfinite,
+)
 
 # ---------------------------------------------------------------------------
 # torch -> Flax
@@ -369,90 +195,6 @@ def _torchvision_view(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _check_leaves(found: Mapping[str, Any], expected: Mapping[str, tuple], target: str, ignored: Collection[str] = ()) -> None:
-    """The one key/shape/dtype validator: every problem collected into one ``ConversionError``."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected and k not in ignored]
-    mismatched = [(k, shape, tuple(np.shape(found[k]))) for k, shape in expected.items() if k in found and tuple(np.shape(found[k])) != tuple(shape)]
-    nonfloat = [
-        f"{k} has dtype {_dtype_of(found[k])}, expected floating point"
-        for k in expected
-        if k in found and not _is_float(_dtype_of(found[k]))
-    ]
-    if missing or unexpected or mismatched or nonfloat:
-        raise ConversionError(target, missing, unexpected, mismatched, nonfloat)
-
-
-def _dtype_of(a: Any):
-    return a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype
-
-
-def check_state_dict(state_dict: Mapping[str, np.ndarray], cfg: ModelConfig, target: str | None = None) -> None:
-    """Checks a (normalized) torch state_dict against ``cfg``: keys, shapes, floating dtypes.
-
-    ``num_batches_tracked`` keys are accepted (torch-only state).
-
-    Raises:
-        ConversionError: with every missing, unexpected, mis-shaped and
-            non-floating key at once.
-    """
-    mapping = leaves(cfg)
-    ignored = {f"{p}.{i}" for p in bn_prefixes(cfg) for i in IGNORED_BN_LEAVES}
-    _check_leaves(state_dict, {leaf.torch_key: leaf.torch_shape for leaf in mapping}, target or f"{cfg.arch} ({cfg.layout} layout)", ignored)
-
-
-def check_variables(variables: Mapping[str, Any], cfg: ModelConfig, target: str | None = None) -> None:
-    """Checks Flax variables (``params``/``batch_stats``, unrolled) against ``cfg``.
-
-    Every leaf of the model must be present, known, rightly shaped and
-    floating. ``cfg.layout == "seed"`` expects conv biases.
-
-    Raises:
-        ConversionError: with every missing, unexpected, mis-shaped and
-            non-floating leaf (``params/layer1/0/conv1/kernel``) at once.
-    """
-    try:
-        mapping = leaves(cfg)
-    except ValueError as e:
-        raise ConversionError(target or "Flax variables", other=[str(e)]) from None
-    expected = {"/".join((leaf.collection, *leaf.flax_path)): leaf.flax_shape for leaf in mapping}
-    found = {"/".join((c, *k)): v for c in ("params", "batch_stats") for k, v in _flatten(variables.get(c, {})).items()}
-    _check_leaves(found, expected, target or f"{cfg.arch} ({cfg.layout} layout) Flax variables")
-
-
-def nonfinite(arrays: Mapping[str, Any]) -> list[tuple[str, int, int, int]]:
-    """``(key, n_nan, n_inf, size)`` of every floating array with NaN or Inf values."""
-    bad = []
-    for key, a in arrays.items():
-        a = np.asarray(a)
-        if _is_float(a.dtype) and a.size:
-            finite = np.isfinite(a)
-            if not finite.all():
-                n_nan = int(np.isnan(a).sum())
-                bad.append((key, n_nan, int(a.size - finite.sum()) - n_nan, int(a.size)))
-    return bad
-
-
-def check_finite(arrays: Mapping[str, Any], where: str, error: type[Exception] | None = None) -> None:
-    """The one rule for NaN/Inf weights: refuse them, naming the first tensor.
-
-    Raises:
-        ConversionError (or ``error``): some floating array holds NaN or Inf.
-    """
-    bad = nonfinite(arrays)
-    if bad:
-        key, n_nan, n_inf, size = bad[0]
-        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
-        msg = f"non-finite values in {key} ({n_nan} NaN, {n_inf} Inf of {size}){more}; refusing it (use allow_nonfinite / --allow-nonfinite to accept)"
-        if error is not None:
-            raise error(f"{where}: {msg}")
-        raise ConversionError(where, other=[msg])
-
-
-def _check_float_dtype(dtype: Any) -> None:
-    if dtype is not None and not _is_float(np.dtype(dtype)):
-        raise ConversionError("Flax variables", other=[f"dtype {np.dtype(dtype).name} is not a floating dtype (weights would be truncated)"])
-
 
 def torch_to_flax(
     state_dict: Mapping[str, Any],
@@ -495,10 +237,6 @@ def torch_to_flax(
             node = node.setdefault(name, {})
         node[leaf.flax_path[-1]] = value
     return stack_blocks(variables) if scan_blocks else variables
-
-
-def _is_float(dtype) -> bool:
-    return np.issubdtype(dtype, np.floating) or str(dtype) == "bfloat16"
 
 
 def from_torch(
@@ -549,16 +287,6 @@ def from_torch(
 # Flax -> torch
 
 
-def _flatten(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, (*prefix, k)))
-        else:
-            out[(*prefix, k)] = v
-    return out
-
-
 _FLAX_TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
@@ -574,7 +302,7 @@ def infer_flax_config(variables: Mapping[str, Any], layout: str = "torchvision")
     if not isinstance(params, Mapping) or not isinstance(params.get("conv1"), Mapping) or not isinstance(params.get("layer1"), Mapping):
         raise ConversionError("torch", other=["not Flax ResNet variables (need params/conv1 and params/layer1)"])
     as_torch = {}
-    for path, v in _flatten(params).items():
+    for path, v in _flat(params).items():
         shape = tuple(np.shape(v))
         if path[-1] == "kernel":
             shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
@@ -615,7 +343,7 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
     cfg, has_bias = infer_flax_config(variables, layout)
     src_cfg = ModelConfig(cfg.arch, "seed" if has_bias else "torchvision", cfg.num_classes, cfg.in_channels)
     check_variables(variables, src_cfg, f"torch {cfg.arch} (from Flax variables)")
-    flat = {(c, *p): v for c in ("params", "batch_stats") for p, v in _flatten(variables.get(c, {})).items()}
+    flat = {(c, *p): v for c in ("params", "batch_stats") for p, v in _flat(variables.get(c, {})).items()}
 
     out: dict[str, np.ndarray] = {}
     mapping = leaves(cfg)
@@ -644,141 +372,5 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
     return out
 
 
-# ---------------------------------------------------------------------------
-# Scanned (stacked) trees
-
-
-SCAN_NAME = "rest"  # the nn.scan over blocks 1..n-1 of a stage
-
-
-def _is_stage(name: Any) -> bool:
-    return isinstance(name, str) and name.startswith("layer") and name[5:].isdigit()
-
-
-def is_stacked(variables: Mapping[str, Any]) -> bool:
-    """Whether ``variables`` is the stacked tree of ``ResNet(scan_blocks=True)``."""
-    for tree in variables.values():
-        if isinstance(tree, Mapping):
-            for name, stage in tree.items():
-                if _is_stage(name) and isinstance(stage, Mapping) and SCAN_NAME in stage:
-                    return True
-    return False
-
-
-def _stack(arrays: list) -> Any:
-    if all(isinstance(a, np.ndarray) for a in arrays):
-        return np.stack(arrays)
-    import jax.numpy as jnp
-
-    return jnp.stack(arrays)
-
-
-def _tree_structure(tree: Any, prefix: tuple = ()) -> dict[tuple, tuple]:
-    if isinstance(tree, Mapping):
-        out = {}
-        for k, v in tree.items():
-            out.update(_tree_structure(v, (*prefix, k)))
-        return out
-    return {prefix: (tuple(np.shape(tree)), str(getattr(tree, "dtype", type(tree).__name__)))}
-
-
-def _map_blocks(fn: Callable[[list], Any], blocks: list[Mapping]) -> Any:
-    """Applies ``fn`` to the lists of corresponding leaves of identical trees."""
-    first = blocks[0]
-    if isinstance(first, Mapping):
-        return {k: _map_blocks(fn, [b[k] for b in blocks]) for k in first}
-    return fn(blocks)
-
-
-def stack_blocks(variables: Mapping[str, Any]) -> dict[str, Any]:
-    """The unrolled tree -> the stacked tree of ``ResNet(scan_blocks=True)``.
-
-    In every collection, blocks ``1..n-1`` of each ``layerN`` become one
-    subtree ``layerN/rest`` whose leaves carry a leading axis of length
-    ``n - 1`` (block ``i`` at index ``i - 1``); block ``0`` and everything
-    else are kept as they are (not copied). Exact: ``unstack_blocks`` gives
-    back the same bytes.
-
-    Raises:
-        ConversionError: the tree is already stacked, a stage's block names
-            are not ``0..n-1``, or its repeated blocks differ in structure,
-            shape or dtype.
-    """
-    if is_stacked(variables):
-        raise ConversionError("stacked Flax variables", other=["variables are already stacked (have a layerN/rest subtree)"])
-    problems = []
-    out: dict[str, Any] = {}
-    for collection, tree in variables.items():
-        if not isinstance(tree, Mapping):
-            out[collection] = tree
-            continue
-        new: dict[str, Any] = {}
-        for name, stage in tree.items():
-            if not (_is_stage(name) and isinstance(stage, Mapping)):
-                new[name] = stage
-                continue
-            n = len(stage)
-            if sorted(stage) != sorted(str(i) for i in range(n)):
-                problems.append(f"{collection}/{name} has blocks {sorted(stage)}, expected 0..{n - 1}")
-                continue
-            if n < 2:
-                new[name] = dict(stage)
-                continue
-            rest = [stage[str(i)] for i in range(1, n)]
-            want = _tree_structure(rest[0])
-            bad = [str(i) for i, b in enumerate(rest, start=1) if _tree_structure(b) != want]
-            if bad:
-                problems.append(f"{collection}/{name} blocks {', '.join(bad)} differ in structure, shape or dtype from block 1")
-                continue
-            new[name] = {"0": stage["0"], SCAN_NAME: _map_blocks(_stack, rest)}
-        out[collection] = new
-    if problems:
-        raise ConversionError("stacked Flax variables", other=problems)
-    return out
-
-
-def unstack_blocks(variables: Mapping[str, Any]) -> dict[str, Any]:
-    """The stacked tree of ``ResNet(scan_blocks=True)`` -> the unrolled tree.
-
-    The inverse of ``stack_blocks``: ``layerN/rest`` leaves of leading size
-    ``n - 1`` become blocks ``1..n-1`` (numpy leaves as views, no copy).
-    An unrolled tree comes back as it is.
-
-    Raises:
-        ConversionError: a stage has names other than ``0`` and ``rest``, or
-            the leading sizes of its ``rest`` leaves differ.
-    """
-    problems = []
-    out: dict[str, Any] = {}
-    for collection, tree in variables.items():
-        if not isinstance(tree, Mapping):
-            out[collection] = tree
-            continue
-        new: dict[str, Any] = {}
-        for name, stage in tree.items():
-            if not (_is_stage(name) and isinstance(stage, Mapping) and SCAN_NAME in stage):
-                new[name] = stage
-                continue
-            extra = sorted(k for k in stage if k not in ("0", SCAN_NAME))
-            if extra:
-                problems.append(f"{collection}/{name} mixes stacked blocks with unrolled ones ({', '.join(extra)})")
-                continue
-            sizes = {np.shape(a)[0] if np.ndim(a) else None for a in _tree_structure_leaves(stage[SCAN_NAME])}
-            if len(sizes) != 1 or None in sizes:
-                problems.append(f"{collection}/{name}/{SCAN_NAME} leaves have leading sizes {sorted(map(str, sizes))}, expected one")
-                continue
-            (m,) = sizes
-            unrolled = {"0": stage["0"]} if "0" in stage else {}
-            for i in range(m):
-                unrolled[str(i + 1)] = _map_blocks(lambda a, i=i: a[0][i], [stage[SCAN_NAME]])
-            new[name] = unrolled
-        out[collection] = new
-    if problems:
-        raise ConversionError("unrolled Flax variables", other=problems)
-    return out
-
-
-def _tree_structure_leaves(tree: Any) -> list:
-    if isinstance(tree, Mapping):
-        return [leaf for v in tree.values() for leaf in _tree_structure_leaves(v)]
-    return [tree]
+def _flat(tree: Mapping) -> dict[tuple[str, ...], Any]:
+    return traverse_util.flatten_dict(dict(tree))

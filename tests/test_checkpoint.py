@@ -28,7 +28,7 @@ import flax_resnet  # noqa: E402
 from flax_resnet import TORCHVISION_PARAM_COUNTS, torch_to_flax  # noqa: E402
 from flax_resnet import io as checkpoint  # noqa: E402
 from flax_resnet.io.resolve import nbt_from_torch  # noqa: E402
-from flax_resnet.convert import _flatten  # noqa: E402
+from flax.traverse_util import flatten_dict as _flatten  # noqa: E402
 
 DEPTHS = ("resnet50", "resnet101", "resnet152")
 # name -> (DST suffix, --layout)

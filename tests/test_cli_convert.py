@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from flax_resnet import cli, torch_to_flax  # noqa: E402
 from flax_resnet import io as checkpoint  # noqa: E402
 from flax_resnet.io import formats  # noqa: E402
-from flax_resnet.convert import _flatten  # noqa: E402
+from flax.traverse_util import flatten_dict as _flatten  # noqa: E402
 
 
 def sd_numpy(sd):
