@@ -103,6 +103,37 @@ def test_layers_initialize_like_linen():
     assert z.layer1[0].bn2.scale.shape == (64,)
 
 
+def _primitives(closed) -> dict[str, int]:
+    counts: dict[str, int] = {}
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            counts[e.primitive.name] = counts.get(e.primitive.name, 0) + 1
+            for v in e.params.values():
+                for sub in v if isinstance(v, (list, tuple)) else [v]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(closed.jaxpr)
+    return counts
+
+
+def test_same_kernels_as_linen():
+    """The NNX convs trace to Linen's: CPU forms (1x1 as dots, grouped convs' custom gradients) where Linen has them."""
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    graphdef, state = nnx.split(_abstract("resnext50_32x4d", num_classes=10))
+    got = _primitives(jax.make_jaxpr(lambda st, x: nnx.merge(graphdef, st)(x))(state, x))
+    lmodel = flax_resnet.ResNet(arch="resnext50_32x4d", num_classes=10)
+    lvars = jax.eval_shape(lmodel.init, jax.random.key(0), x)
+    want = _primitives(jax.make_jaxpr(lambda v, x: lmodel.apply(v, x, train=True, mutable=["batch_stats"]))(lvars, x))
+    keys = ("platform_index", "dot_general", "conv_general_dilated", "custom_vjp_call")
+    assert {k: got.get(k) for k in keys} == {k: want.get(k) for k in keys} and got["platform_index"] > 0
+    # Scanned: each stage's loop body has the loop form (canonical-gradient 3x3 conv).
+    graphdef, state = nnx.split(_abstract("resnet50", num_classes=10, scan_blocks=True))
+    assert _primitives(jax.make_jaxpr(lambda st, x: nnx.merge(graphdef, st)(x))(state, x)).get("custom_vjp_call") == 4
+
+
 def test_bad_input_is_one_line_error():
     m = frn.from_torch(_torch_sd("resnet18"))
     with pytest.raises(ValueError, match=r"NHWC: expected 3 channels .* \(2, 3, 32, 32\) \(an NCHW batch"):

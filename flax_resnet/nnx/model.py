@@ -21,7 +21,7 @@ from flax import nnx
 from flax_resnet import archs, kernels
 from flax_resnet.archs import ArchSpec, BlockSpec, ConvSpec, get_arch, stem_convs
 from flax_resnet.layers import avg_pool_ceil
-from flax_resnet.nnx.functional import batch_norm
+from flax_resnet.layers import batch_norm
 
 Dtype = Any
 
@@ -34,7 +34,7 @@ class BatchNorm(nnx.Module):
     """``torch.nn.BatchNorm2d`` over the last (channel) axis, NHWC.
 
     The NNX twin of ``flax_resnet.layers.BatchNorm`` (same function,
-    ``flax_resnet.nnx.functional.batch_norm``): unbiased running-variance
+    ``flax_resnet.layers.batch_norm``): unbiased running-variance
     update, statistics in at least float32 under bfloat16 compute. In train
     mode (``use_running_average=False``, set by ``model.train()``) each call
     normalizes with batch statistics and updates ``mean``/``var`` in place.
@@ -114,7 +114,7 @@ class _Settings:
             param_dtype=self.param_dtype,
             precision=self.precision,
             kernel_init=_conv_init,
-            conv_general_dilated=kernels.loop_conv_general_dilated if self.in_loop else kernels.conv_general_dilated,
+            conv_general_dilated=_loop_conv if self.in_loop else _conv,
             rngs=rngs,
         )
 
@@ -123,6 +123,20 @@ class _Settings:
             features, momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype,
             param_dtype=self.param_dtype, axis_name=self.axis_name, zero_scale=zero_scale,
         )
+
+
+def _conv(*args, out_sharding=None, **kwargs):
+    # nnx.Conv always passes out_sharding (None by default), which the kernels
+    # take for an unknown option and answer with the plain conv: drop it when unset.
+    if out_sharding is not None:
+        kwargs["out_sharding"] = out_sharding
+    return kernels.conv_general_dilated(*args, **kwargs)
+
+
+def _loop_conv(*args, out_sharding=None, **kwargs):
+    if out_sharding is not None:
+        kwargs["out_sharding"] = out_sharding
+    return kernels.loop_conv_general_dilated(*args, **kwargs)
 
 
 class AvgDown(nnx.Module):
