@@ -46,48 +46,12 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), self.param_dtype)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), self.param_dtype)
 
-        stat_dtype = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), ra_mean.value.dtype)
-        out_dtype = self.dtype or jnp.result_type(x.dtype, scale.dtype)
-        xs = x.astype(stat_dtype)
-
-        if train:
-            axes = tuple(range(x.ndim - 1))
-            n = 1
-            for a in axes:
-                n *= x.shape[a]
-            # Shifted two-pass statistics: a first mean, then the mean and
-            # square of the deviations from it. In float32 this is as accurate
-            # as torch's CPU kernels, which accumulate in float64; a plain
-            # float32 mean loses digits where |mean| >> std, and train-mode
-            # gradients divide by that std.
-            shift = jax.lax.stop_gradient(jnp.mean(xs, axes))
-            if self.axis_name is not None:
-                shift = jax.lax.pmean(shift, self.axis_name)
-                n = n * jax.lax.psum(1, self.axis_name)
-            d = xs - shift
-            moments = jnp.stack([jnp.mean(d, axes), jnp.mean(jnp.square(d), axes)])
-            if self.axis_name is not None:
-                moments = jax.lax.pmean(moments, self.axis_name)
-            mean = shift + moments[0]
-            var = jnp.maximum(moments[1] - jnp.square(moments[0]), 0.0)
-            centered = d - moments[0]
-            if not self.is_initializing():
-                m = self.momentum
-                unbiased = var * (n / (n - 1))
-                ra_mean.value = (m * ra_mean.value + (1 - m) * mean).astype(ra_mean.value.dtype)
-                ra_var.value = (m * ra_var.value + (1 - m) * unbiased).astype(ra_var.value.dtype)
-            # Normalize the centered input: autodiff of the folded form
-            # x * alpha + beta would sum dy * x before subtracting the mean,
-            # which cancels catastrophically in float32 where |mean| >> std
-            # (torch's hand-written backward also works with centered x).
-            alpha = scale.astype(stat_dtype) * jax.lax.rsqrt(var + self.epsilon)
-            return (centered * alpha + bias.astype(stat_dtype)).astype(out_dtype)
-
-        # Eval: torch's inference kernel's affine map, y = x * alpha + beta.
-        mean, var = ra_mean.value.astype(stat_dtype), ra_var.value.astype(stat_dtype)
-        alpha = scale.astype(stat_dtype) * jax.lax.rsqrt(var + self.epsilon)
-        beta = bias.astype(stat_dtype) - mean * alpha
-        return (xs * alpha + beta).astype(out_dtype)
+        y, stats = batch_norm(
+            x, scale, bias, ra_mean.value, ra_var.value, train=train, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name, dtype=self.dtype
+        )
+        if stats is not None and not self.is_initializing():  # init only creates the statistics
+            ra_mean.value, ra_var.value = stats
+        return y
 
 
 def avg_pool_ceil(x: jax.Array, stride: int) -> jax.Array:
@@ -105,3 +69,75 @@ def avg_pool_ceil(x: jax.Array, stride: int) -> jax.Array:
     window, strides = (1, 2, 2, 1), (1, stride, stride, 1)
     sums = jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add, window, strides, [(0, 0), *pads, (0, 0)])
     return sums / np.outer(*counts)[None, :, :, None].astype(x.dtype)
+
+
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    *,
+    train: bool,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+    axis_name: str | None = None,
+    dtype: Dtype | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """``torch.nn.BatchNorm2d`` over the last axis, as a pure function.
+
+    The one implementation behind ``BatchNorm`` here and the NNX BatchNorm
+    (so Linen and NNX agree bit for bit): statistics in at least float32,
+    shifted two-pass; the running variance is updated with the unbiased batch
+    variance ``n / (n - 1)``, normalization uses the biased one.
+
+    Args:
+        x: input, channels last.
+        scale, bias: the affine parameters (torch's ``weight``/``bias``).
+        mean, var: the running statistics.
+        train: normalize with batch statistics and return updated running ones.
+        momentum: Flax convention, ``new = momentum * old + (1 - momentum) * batch``.
+        epsilon: added to the variance.
+        axis_name: average batch statistics over this mapped axis (SyncBatchNorm).
+        dtype: output dtype; ``None`` promotes ``x`` with ``scale``.
+
+    Returns:
+        ``(y, (new_mean, new_var))`` in train mode, ``(y, None)`` in eval mode.
+    """
+    stat_dtype = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32), mean.dtype)
+    out_dtype = dtype or jnp.result_type(x.dtype, scale.dtype)
+    xs = x.astype(stat_dtype)
+    if train:
+        axes = tuple(range(x.ndim - 1))
+        n = 1
+        for a in axes:
+            n *= x.shape[a]
+        # Shifted two-pass statistics: a first mean, then the mean and square of
+        # the deviations from it. In float32 this is as accurate as torch's CPU
+        # kernels, which accumulate in float64; a plain float32 mean loses
+        # digits where |mean| >> std, and train-mode gradients divide by that std.
+        shift = jax.lax.stop_gradient(jnp.mean(xs, axes))
+        if axis_name is not None:
+            shift = jax.lax.pmean(shift, axis_name)
+            n = n * jax.lax.psum(1, axis_name)
+        d = xs - shift
+        moments = jnp.stack([jnp.mean(d, axes), jnp.mean(jnp.square(d), axes)])
+        if axis_name is not None:
+            moments = jax.lax.pmean(moments, axis_name)
+        batch_mean = shift + moments[0]
+        batch_var = jnp.maximum(moments[1] - jnp.square(moments[0]), 0.0)
+        centered = d - moments[0]
+        unbiased = batch_var * (n / (n - 1))
+        new_mean = (momentum * mean + (1 - momentum) * batch_mean).astype(mean.dtype)
+        new_var = (momentum * var + (1 - momentum) * unbiased).astype(var.dtype)
+        # Normalize the centered input: autodiff of the folded form x * alpha + beta
+        # would sum dy * x before subtracting the mean, which cancels
+        # catastrophically in float32 where |mean| >> std (torch's hand-written
+        # backward also works with centered x).
+        alpha = scale.astype(stat_dtype) * jax.lax.rsqrt(batch_var + epsilon)
+        return (centered * alpha + bias.astype(stat_dtype)).astype(out_dtype), (new_mean, new_var)
+    # Eval: torch's inference kernel's affine map, y = x * alpha + beta.
+    m, v = mean.astype(stat_dtype), var.astype(stat_dtype)
+    alpha = scale.astype(stat_dtype) * jax.lax.rsqrt(v + epsilon)
+    beta = bias.astype(stat_dtype) - m * alpha
+    return (xs * alpha + beta).astype(out_dtype), None
