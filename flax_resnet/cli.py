@@ -16,6 +16,23 @@ SUBCOMMANDS = ("parity.cli", "flax_resnet.io_cli", "flax_resnet.train_cli", "fla
 TORCH_INSTALL = "pip install torch==2.13.0"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The one help layout of every subcommand: descriptions and epilogs as written, each option's default shown.
+
+    Options whose default is ``None`` or ``False`` say their default in words (or have none worth showing).
+    """
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "%(default)" not in text and "(default" not in text and not quiet and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from flax_resnet.archs import ARCHS
+from flax_resnet.cli import HelpFormatter
 
 CONVERT_EPILOG = """\
 output format (from DST's suffix):
@@ -56,10 +57,6 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The epilog as written, and every option's default shown."""
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     c = subparsers.add_parser(
         "convert",
@@ -67,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Convert a ResNet checkpoint: strict (every key and shape checked), safe "
         "(no pickled code runs), atomic (no partial output) and never overwriting without --force.",
         epilog=CONVERT_EPILOG,
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     c.add_argument("src", metavar="SRC", help="input file or Orbax directory")
     c.add_argument("dst", metavar="DST", help="output path; its suffix picks the format (see below)")
@@ -95,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Describe a checkpoint file or Orbax directory. Exit status 0 if convert would "
         "accept it, 1 if it has problems (non-finite values, unexpected/missing/mis-shaped keys), "
         "2 if it is not a readable checkpoint.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     i.add_argument("file", metavar="FILE", help="checkpoint file or Orbax directory")
     i.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from flax_resnet.cli import HelpFormatter
 from flax_resnet import preprocess as pp
 
 EPILOG = """\
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Classify images with any checkpoint this package reads or a pretrained name "
         "(torchvision weights, Hugging Face hub ids), preprocessed as the weights' source does.",
         epilog=EPILOG,
-        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or .npz files with an 'images' array (NHWC)")
     p.add_argument("--weights", required=True, metavar="W",

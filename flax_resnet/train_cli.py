@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+from flax_resnet.cli import HelpFormatter
+
 DEFAULTS = dict(epochs=12, batch_size=64, warmup_epochs=1.0, max_shift=2, seed=0)
 DTYPES = ("float32", "bfloat16", "float16")
 TRAIN_EXTRA = ("sklearn", "matplotlib", "tqdm")  # digits and data splits, the plot, the progress bar
@@ -24,17 +26,6 @@ RUN_KEYS = ("arch", "dataset", "num_classes", "batch_size", "seed", "dtype", "no
 RECIPE_KEYS = ("epochs", "lr", "schedule", "warmup_epochs", "momentum", "weight_decay", "label_smoothing", "max_shift")
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Shows every option's default unless it is None/False (those say their default in words)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        quiet = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if "%(default)" not in text and not quiet and action.option_strings:
-            text += " (default: %(default)s)"
-        return text
-
-
 def register(subparsers) -> None:
     from flax_resnet.archs import ARCHS
 
@@ -42,7 +33,7 @@ def register(subparsers) -> None:
         "train",
         help="train a ResNet in JAX (digits or a .npz of images and labels)",
         description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--arch", default=None, choices=list(ARCHS), metavar="ARCH",
                    help=f"architecture: {', '.join(ARCHS)} (default: resnet50, or the --init checkpoint's)")
