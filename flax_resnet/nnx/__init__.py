@@ -14,10 +14,10 @@
 """
 
 from flax_resnet.archs import ARCHS
-from flax_resnet.nnx.convert import from_linen, from_torch, to_linen, to_torch
+from flax_resnet.nnx.convert import LinenApply, from_linen, from_torch, to_linen, to_torch
 from flax_resnet.nnx.model import BatchNorm, Block, ResNet, ScannedStage, _factory
 
-__all__ = ["ARCHS", "BatchNorm", "Block", "ResNet", "ScannedStage", "from_linen", "from_torch", "to_linen", "to_torch", *ARCHS]
+__all__ = ["ARCHS", "BatchNorm", "Block", "LinenApply", "ResNet", "ScannedStage", "from_linen", "from_torch", "to_linen", "to_torch", *ARCHS]
 
 # One factory per row of the family table (resnet18, resnet50, resnext50_32x4d, ...).
 globals().update({name: _factory(name) for name in ARCHS})
