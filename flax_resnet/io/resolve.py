@@ -234,9 +234,10 @@ def load(
     dtype: Any = None,
     allow_nonfinite: bool = False,
     param_dtype: Any = None,
+    api: str = "linen",
     **model_kwargs: Any,
 ):
-    """Loads any checkpoint as a Flax model and its variables.
+    """Loads any checkpoint as a Flax model and its variables (Linen), or as an NNX model.
 
     Args:
         path: a ``.pth``/``.pt``/``.bin`` (torchvision, timm, a training
@@ -254,15 +255,22 @@ def load(
         allow_nonfinite: accept NaN/Inf weights.
         param_dtype: cast floating variables (``"float32"``, ``"bfloat16"``
             or a dtype); ``None`` keeps the file's.
+        api: ``"linen"``, or ``"nnx"`` for a ``flax_resnet.nnx.ResNet``
+            holding the weights (``flax_resnet.nnx.from_linen``).
         **model_kwargs: more ``ResNet`` attributes (``precision``, ...);
             ``scan_blocks=True`` returns the stacked variables it needs,
             whichever tree the file holds.
 
     Returns:
         ``(model, variables)``: a ``flax_resnet.ResNet`` and
-        ``{"params", "batch_stats"}`` of numpy arrays for ``model.apply``.
+        ``{"params", "batch_stats"}`` of numpy arrays for ``model.apply``;
+        with ``api="nnx"``, the NNX model alone (in train mode, as every new
+        NNX model).
     """
     from flax_resnet.model import ResNet
+
+    if api not in ("linen", "nnx"):
+        raise ValueError(f"unknown api {api!r}; choose 'linen' or 'nnx'")
 
     with deferred_interrupts():
         r = resolve(read(path), arch, layout, allow_nonfinite)
@@ -278,6 +286,10 @@ def load(
     kwargs.update(model_kwargs)
     if kwargs.get("scan_blocks"):
         variables = stack_blocks(variables)
+    if api == "nnx":
+        from flax_resnet.nnx import from_linen
+
+        return from_linen(cfg.arch, variables, **kwargs)
     model = ResNet(arch=cfg.arch, num_classes=cfg.num_classes, conv_bias=cfg.conv_bias, **kwargs)
     return model, variables
 
@@ -373,7 +385,8 @@ def save(
             directories are created.
         variables: ``{"params", "batch_stats"}`` (numpy or jax arrays; the
             unrolled tree or the stacked one of ``ResNet(scan_blocks=True)``,
-            written unrolled), or a torch-layout state_dict.
+            written unrolled), a torch-layout state_dict, or a
+            ``flax_resnet.nnx.ResNet`` (its ``to_linen`` variables).
         format: one of ``FORMATS``; ``None`` follows ``path``'s suffix
             (``.msgpack``, ``.safetensors``, ``.npz``, ``.pth``/``.pt``/``.bin``;
             none: an Orbax checkpoint directory).
@@ -395,6 +408,10 @@ def save(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_output(path, fmt, force)
+    if type(variables).__module__.startswith("flax_resnet.nnx"):  # an NNX model: its Linen variables
+        from flax_resnet.nnx import to_linen
+
+        variables = to_linen(variables)
     with deferred_interrupts():
         if "params" in variables:
             tree = to_numpy_tree({k: variables[k] for k in FLAX_COLLECTIONS if k in variables})
