@@ -45,6 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (params and BN statistics stay float32)")
     p.add_argument("--init", default=None, metavar="FILE", help="start from converted weights (.pth/.safetensors/.msgpack/Orbax); the head is replaced")
     p.add_argument("--freeze-backbone", action="store_true", help="train only fc (BN statistics frozen too); needs --init")
+    p.add_argument("--api", default="linen", choices=("linen", "nnx"),
+                   help="train the Linen model (jit of training.train_step) or the Flax NNX one (nnx.Optimizer, nnx.jit); same checkpoints")
     d = p.add_argument_group("data")
     d.add_argument("--size", type=int, default=None, help="image size (default: digits 32, upscaled from 8x8; .npz images as they are)")
     d.add_argument("--normalize", default="dataset", choices=("dataset", "imagenet", "none"),
@@ -324,6 +326,11 @@ def _train(run: _Run, start_epoch: int, records: list[dict]) -> None:
     t_run = time.perf_counter()
     if run.main and start_epoch < args.epochs:
         _say("compiling the train step (the first step of the first epoch includes it)...")
+    nnx_run = None
+    if args.api == "nnx":  # the NNX modules, optimizer and step; checkpoints stay the Linen TrainState (relabeled arrays)
+        from flax_resnet.nnx import training as nnx_training
+
+        nnx_run = nnx_training.TrainStateBridge(run.model, run.state)
     for epoch in range(start_epoch, args.epochs):
         bar = None
         if show:
@@ -341,22 +348,20 @@ def _train(run: _Run, start_epoch: int, records: list[dict]) -> None:
                 if step % 5 == 0 or step == run.steps_per_epoch:
                     bar.set_postfix(loss=f"{float(m['loss']):.4f}")
 
-        state, tm = training.train_epoch(
-            run.state,
-            run.ds.train_images,
-            run.ds.train_labels,
-            args.batch_size,
-            epoch=epoch,
-            seed=args.seed,
-            max_shift=args.max_shift,
-            label_smoothing=args.label_smoothing,
-            mesh=run.mesh,
-            progress=progress,
-        )
+        data = (run.ds.train_images, run.ds.train_labels, args.batch_size)
+        kw = dict(epoch=epoch, seed=args.seed, max_shift=args.max_shift, label_smoothing=args.label_smoothing, mesh=run.mesh, progress=progress)
+        if nnx_run is None:
+            state, tm = training.train_epoch(run.state, *data, **kw)
+        else:
+            tm = nnx_training.train_epoch(nnx_run.model, nnx_run.optimizer, *data, **kw)
+            state = nnx_run.to_state(run.state)
         run.state = state
         if bar is not None:
             bar.close()
-        ev = training.evaluate(state, run.ds.test_images, run.ds.test_labels, eval_bs, run.mesh)
+        if nnx_run is None:
+            ev = training.evaluate(state, run.ds.test_images, run.ds.test_labels, eval_bs, run.mesh)
+        else:
+            ev = nnx_training.evaluate(nnx_run.model, run.ds.test_images, run.ds.test_labels, eval_bs, run.mesh)
         record = {
             "epoch": epoch + 1,
             "train_loss": tm["train_loss"],
