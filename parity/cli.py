@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="highest", choices=["highest", "default"], help="highest pins fp32 (no TF32) in both frameworks; default allows TF32 (default highest)")
     p.add_argument("--steps", type=int, default=2, help="SGD steps for --mode steps/all (default 2)")
     p.add_argument("--scan-blocks", action="store_true", help="run the Flax side as ResNet(scan_blocks=True): same numbers, faster to compile for 100+ layers")
+    p.add_argument("--api", default="linen", choices=["linen", "nnx"], help="the Flax side: the Linen model or the NNX one, flax_resnet.nnx (default linen)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the random model (default 1000)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     in_ch = model.conv1.in_channels
     x = fixtures.images(args.batch, in_ch, args.size[0], args.size[1], seed=args.seed + 1).numpy()
     modes = harness.MODES if args.mode == "all" else (args.mode,)
-    report = harness.run_parity(model, x, modes=modes, dtype=args.dtype, precision=args.precision, steps=args.steps, scan_blocks=args.scan_blocks)
+    report = harness.run_parity(model, x, modes=modes, dtype=args.dtype, precision=args.precision, steps=args.steps, scan_blocks=args.scan_blocks, api=args.api)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -114,6 +114,7 @@ class Report:
     torch_variants: tuple[str, ...] = ()  # torch runs whose median error is "torch own" for grad/steps
     argmax: Argmax | None = None  # with "eval"
     scan_blocks: bool = False  # the Flax side ran ResNet(scan_blocks=True)
+    api: str = "linen"  # the Flax side: the Linen model or the NNX one (flax_resnet.nnx)
 
     @property
     def passed(self) -> bool:
@@ -140,6 +141,7 @@ class Report:
             f"flax-resnet parity: {self.arch} ({self.layout} layout), batch {self.batch}, "
             f"{self.size[0]}x{self.size[1]}, {self.dtype}, precision {self.precision}, {self.device}"
             + (", Flax scan_blocks" if self.scan_blocks else "")
+            + (", Flax NNX" if self.api == "nnx" else "")
         )
         rows = [("mode", "point", "max abs err", "rel err", "tolerance", "torch own", "status")]
         for p in self.points:
@@ -340,6 +342,16 @@ def _jitted(model, what: str):
     raise ValueError(what)
 
 
+def _flax_from_torch(api: str, state_dict, **kwargs):
+    """``(model, variables)`` for ``_flax_side``: the Linen model, or the NNX one behind Linen's ``apply`` (``flax_resnet.nnx.LinenApply``)."""
+    if api == "nnx":
+        import flax_resnet.nnx as frn
+
+        model = frn.from_torch(state_dict, **kwargs)
+        return frn.LinenApply(model), frn.to_linen(model)
+    return flax_resnet.from_torch(state_dict, **kwargs)
+
+
 def _flax_side(model, variables, x: np.ndarray, labels: np.ndarray, layout: str, modes: Sequence[str], steps: int) -> dict[str, dict[str, np.ndarray]]:
     out: dict[str, dict[str, np.ndarray]] = {}
     x = jnp.asarray(x.transpose(0, 2, 3, 1))
@@ -495,6 +507,7 @@ def run_parity(
     precision: str = "highest",
     steps: int = 2,
     scan_blocks: bool = False,
+    api: str = "linen",
 ) -> Report:
     """Compares a ``torch_ref.ResNet`` with its Flax conversion.
 
@@ -513,6 +526,9 @@ def run_parity(
         scan_blocks: run the Flax side as ``ResNet(scan_blocks=True)`` (each
             stage's repeated blocks as one ``nn.scan``; about 3x faster to
             compile for 100+ layers).
+        api: ``"linen"`` (``flax_resnet.ResNet``) or ``"nnx"``
+            (``flax_resnet.nnx.ResNet``, converted by ``flax_resnet.nnx.from_torch``):
+            the same points and rules.
 
     Returns:
         A ``Report`` of every point in network order and, with ``"eval"``,
@@ -525,6 +541,8 @@ def run_parity(
         raise ValueError(f"unknown parity mode(s) {bad}; choose from {', '.join(MODES)}")
     if dtype not in ("float32", "float64", "bfloat16"):
         raise ValueError(f"unknown dtype {dtype!r}; choose float32, float64 or bfloat16")
+    if api not in ("linen", "nnx"):
+        raise ValueError(f"unknown api {api!r}; choose linen or nnx")
     sd = torch_model.state_dict()
     cfg = infer_config(sd)
     init = {k: v.detach().double().numpy() for k, v in torch_model.named_parameters()}  # steps are judged against the update
@@ -538,7 +556,7 @@ def run_parity(
         ref = _torch_side(copy.deepcopy(torch_model).double(), x64, labels, modes, steps)
         if dtype == "float64":
             with jax.enable_x64(True):
-                model, variables = flax_resnet.from_torch(copy.deepcopy(torch_model).double().state_dict(), stride_in_1x1=v1, scan_blocks=scan_blocks)
+                model, variables = _flax_from_torch(api, copy.deepcopy(torch_model).double().state_dict(), stride_in_1x1=v1, scan_blocks=scan_blocks)
                 flax = _flax_side(model, variables, x64, labels, cfg.layout, modes, steps)
             own = None
             rule = lambda mode, _: FP64_TOL[mode]  # noqa: E731
@@ -551,7 +569,7 @@ def run_parity(
                     res = _torch_side(copy.deepcopy(torch_model).float(), x32, labels, run, steps, autocast_bf16=bf16, variant=variant)
                     for mode in run:
                         own[mode].append(_errors(mode, dtype, ref[mode], res.pop(mode), init))
-            model, variables = flax_resnet.from_torch(sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None, stride_in_1x1=v1, scan_blocks=scan_blocks)
+            model, variables = _flax_from_torch(api, sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None, stride_in_1x1=v1, scan_blocks=scan_blocks)
             flax = _flax_side(model, variables, x64.astype(np.float32), labels, cfg.layout, modes, steps)
             floor = BF16_FLOOR if dtype == "bfloat16" else FP32_FLOOR
             rule = lambda mode, torch_rel: max(2.0 * torch_rel, floor)  # noqa: E731
@@ -565,4 +583,4 @@ def run_parity(
         tol = next(p.tol for p in points if p.mode == "eval" and p.name == "logits")
         argmax = _argmax(flax["eval"]["logits"].astype(np.float64), ref["eval"]["logits"], tol)
     size = (int(x.shape[2]), int(x.shape[3]))
-    return Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), size, describe_devices(), points, variants, argmax, scan_blocks)
+    return Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), size, describe_devices(), points, variants, argmax, scan_blocks, api)
