@@ -124,3 +124,16 @@ def test_nnx_matches_torch_float64(arch, layout, scan):
     # Every block's output, the running stats of every stage and every gradient were compared.
     assert {"layer1.0", "layer4.1", "logits"} <= set(got["eval"]) and "stat:layer4.0.bn1.running_var" in got["train"]
     assert len([k for k in got["grad"] if k.startswith("grad:")]) == len(list(ref_model.parameters()))
+
+
+def test_parity_command_api_nnx_float32(capsys):
+    """``flax-resnet parity --api nnx``: the NNX model through the harness's points and fp32 rule (2x torch's own spread)."""
+    import json
+
+    from flax_resnet.cli import main as cli_main
+
+    rc = cli_main(["parity", "--api", "nnx", "--arch", "resnet18", "--size", "64", "64", "--batch", "2", "--mode", "all", "--num-classes", "10", "--json"])
+    out = capsys.readouterr().out
+    report = json.loads(out)
+    assert rc == 0 and report["passed"] and report["api"] == "nnx", out[-3000:]
+    assert {p["mode"] for p in report["points"]} == {"eval", "train", "grad", "steps"} and report["dtype"] == "float32"
