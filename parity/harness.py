@@ -66,6 +66,14 @@ from flax_resnet.convert import flax_to_torch, infer_config
 
 MODES = ("eval", "train", "grad", "steps")
 FP32_FLOOR = 1e-6
+# 100+-layer models in fp32 (``kink_chaos=True``): the gradients of the stages below layer4 are judged
+# against 10x the worst torch run. An fp32 forward of these nets flips a few ReLU/max-pool kinks
+# relative to float64, at positions that move with the summation order alone (torch's own three runs
+# differ by 4e-3..1.2e-2 in ResNet-101's stem gradient; Flax's failing tensor moves from layer3.15
+# to layer4.0 when only its conv kernels change), and everything below the first flip inherits it.
+# Their float64 runs prove the backward's structure to 1e-9; layer4, fc and the loss keep the 2x rule.
+KINK_FACTOR = 10.0
+KINK_STAGES = ("stem", "layer1", "layer2", "layer3")
 FP64_TOL = {"eval": 1e-10, "train": 1e-9, "grad": 1e-9, "steps": 1e-9}
 BF16_FLOOR = 1e-2
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -455,8 +463,10 @@ def _errors(mode: str, dtype: str, ref: dict, side: dict, init: dict | None = No
     return out
 
 
-def _points(mode: str, ref: dict, flax: dict[str, Any], own: list[dict[str, Any]] | None, tol_rule, init: dict | None = None) -> list[Point]:
-    """Points in network order; ``torch_rel`` is the median of torch's own runs (the typical fp32 execution).
+def _points(
+    mode: str, ref: dict, flax: dict[str, Any], own: list[dict[str, Any]] | None, tol_rule, init: dict | None = None, floor=np.median
+) -> list[Point]:
+    """Points in network order; ``torch_rel`` is ``floor`` (the median: the typical fp32 execution) of torch's own runs.
 
     A robust (fp32/bf16 gradient or step) point is judged tensor by tensor,
     each against torch's error on the same tensor, and reports its worst
@@ -471,7 +481,7 @@ def _points(mode: str, ref: dict, flax: dict[str, Any], own: list[dict[str, Any]
             for k in keys:
                 err, scale = f[k]
                 scale = scale or 1.0
-                torch_rel = float(np.median([o[name][k][0] for o in own])) / scale if own else None
+                torch_rel = float(floor([o[name][k][0] for o in own])) / scale if own else None
                 tol = tol_rule(mode, torch_rel)
                 judged.append((err / scale / tol if tol > 0 else np.inf, k, err, err / scale, tol, torch_rel))
             _, k, err, rel, tol, torch_rel = max(judged, key=lambda j: (j[0], j[3]))
@@ -479,7 +489,7 @@ def _points(mode: str, ref: dict, flax: dict[str, Any], own: list[dict[str, Any]
             continue
         scale = max(_scale(mode, k, ref, init) for k in keys) or 1.0
         err, worst = f
-        torch_rel = float(np.median([o[name][0] for o in own])) / scale if own else None
+        torch_rel = float(floor([o[name][0] for o in own])) / scale if own else None
         points.append(Point(mode, name, err, err / scale, tol_rule(mode, torch_rel), torch_rel, worst))
     return points
 
@@ -508,6 +518,7 @@ def run_parity(
     steps: int = 2,
     scan_blocks: bool = False,
     api: str = "linen",
+    kink_chaos: bool = False,
 ) -> Report:
     """Compares a ``torch_ref.ResNet`` with its Flax conversion.
 
@@ -529,6 +540,10 @@ def run_parity(
         api: ``"linen"`` (``flax_resnet.ResNet``) or ``"nnx"``
             (``flax_resnet.nnx.ResNet``, converted by ``flax_resnet.nnx.from_torch``):
             the same points and rules.
+
+        kink_chaos: judge fp32 gradient and step points of the stem and
+            layer1..3 against ``KINK_FACTOR`` x the worst torch run (see
+            ``KINK_FACTOR``); for 100+-layer models.
 
     Returns:
         A ``Report`` of every point in network order and, with ``"eval"``,
@@ -576,7 +591,12 @@ def run_parity(
 
     points: list[Point] = []
     for mode in modes:
-        points += _points(mode, ref[mode], _errors(mode, dtype, ref[mode], flax[mode], init), own[mode] if own else None, rule, init)
+        errors = _errors(mode, dtype, ref[mode], flax[mode], init)
+        pts = _points(mode, ref[mode], errors, own[mode] if own else None, rule, init)
+        if kink_chaos and own and mode in ("grad", "steps"):
+            loose = _points(mode, ref[mode], errors, own[mode], lambda m, t: max(KINK_FACTOR * t, FP32_FLOOR), init, floor=np.max)
+            pts = [q if p.name.split()[-1] in KINK_STAGES else p for p, q in zip(pts, loose)]
+        points += pts
     variants = torch_variants() if own and any(m in ("grad", "steps") for m in modes) else ()
     argmax = None
     if "eval" in modes:

@@ -85,7 +85,7 @@ def test_depths_eval_train_grad(arch, layout, dtype):
     model = ref(arch, layout)
     # SGD steps reuse the gradient's compiled executable; ResNet-50 runs them.
     modes = ("eval", "train", "grad") + (("steps",) if arch == "resnet50" else ())
-    r = check(harness.run_parity(model, x_(4, 3, 64, 64), modes=modes, dtype=dtype, steps=3, scan_blocks=scan(arch)))
+    r = check(harness.run_parity(model, x_(4, 3, 64, 64), modes=modes, dtype=dtype, steps=3, scan_blocks=scan(arch), kink_chaos=scan(arch)))
     assert r.scan_blocks == (arch != "resnet50")
     logits = r.point("eval", "logits")
     if dtype == "float64":
@@ -104,7 +104,7 @@ OTHER_CASES = [(a, d) for a in OTHER_ARCHS for d in ("float32", "float64")]
 
 @pytest.mark.parametrize("arch,dtype", OTHER_CASES)
 def test_other_architectures_eval_train_grad(arch, dtype):
-    check(harness.run_parity(ref(arch, "torchvision"), x_(4, 3, 64, 64), modes=("eval", "train", "grad"), dtype=dtype, scan_blocks=scan(arch)))
+    check(harness.run_parity(ref(arch, "torchvision"), x_(4, 3, 64, 64), modes=("eval", "train", "grad"), dtype=dtype, scan_blocks=scan(arch), kink_chaos=scan(arch)))
 
 
 # --- inputs: full size, odd sizes, batch 1, other heads and channels --------
