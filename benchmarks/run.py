@@ -25,6 +25,9 @@ Sections (``--sections``):
   against torch eager and ``torch.compile``.
 * ``compile``: lower and compile time and first-call latency, unrolled vs
   ``scan_blocks=True``, eval and train step.
+* ``nnx``: Flax NNX (``flax_resnet.nnx``) against Linen in one process,
+  ResNet-50 fp32 eval and train step: ``nnx.jit``, ``nnx.cached_partial``
+  and ``nnx.split`` + ``jax.jit``.
 * ``construct``: a ResNet with converted weights ready to run (from a torch
   state_dict in memory: ``from_torch``, ``jax.eval_shape`` structure check,
   ``device_put``), the conversion alone against a plain copy of the same
@@ -244,6 +247,89 @@ def worker_flax_train(task):
     return {"variants": out}
 
 
+def worker_nnx(task):
+    """NNX against Linen in one process, variants timed in turns (resnet50 fp32 by default).
+
+    ``linen``: the Linen rows' code (``inference.predict_fn``; ``training.train_step_fn``
+    under jit, state donated). ``nnx_jit``: ``nnx.jit`` (eval: ``m(x)``; train: the
+    library's ``flax_resnet.nnx.training.train_step``), which traverses the model and
+    optimizer graphs on every call. ``nnx_cached``: the same under ``nnx.cached_partial``
+    (the traversal cached). ``nnx_split``: ``nnx.split`` once, then ``jax.jit`` of a pure
+    function of the state (``nnx.merge`` inside; train: donated), ``nnx.update`` never needed.
+    """
+    import jax
+    from flax import nnx
+
+    import flax_resnet
+    import flax_resnet.nnx as frn
+    from flax_resnet import inference, training
+    from flax_resnet.nnx import training as nnx_training
+
+    x, labels = _images(task["batch"], nhwc=True)
+    x, labels = jax.device_put(x), jax.device_put(labels)
+    sd = _state_dict(task["arch"])
+    tx = training.torch_sgd(0.1, momentum=0.9)
+    fns, compile_s = {}, {}
+
+    def timed_first(name, fn):
+        t0 = time.perf_counter()
+        fn()
+        compile_s[name] = time.perf_counter() - t0
+        fns[name] = fn
+
+    if task["mode"] == "eval":
+        model, variables = flax_resnet.from_torch(sd)
+        variables = jax.device_put(variables)
+        f_linen = inference.predict_fn(model)
+        timed_first("linen", lambda: f_linen(variables, x).block_until_ready())
+        m = frn.from_torch(sd)
+        m.eval()
+        f = nnx.jit(lambda m, x: m(x))
+        timed_first("nnx_jit", lambda: f(m, x).block_until_ready())
+        cached = nnx.cached_partial(f, m)
+        timed_first("nnx_cached", lambda: cached(x).block_until_ready())
+        g, st = nnx.split(m)
+        pure = jax.jit(lambda st, x: nnx.merge(g, st)(x))
+        timed_first("nnx_split", lambda: pure(st, x).block_until_ready())
+    else:
+        model, variables = flax_resnet.from_torch(sd)
+        state = [training.create_train_state(model, variables, tx)]
+        f_linen = jax.jit(training.train_step_fn, donate_argnums=0)
+
+        def linen():
+            state[0], metrics = f_linen(state[0], x, labels)
+            metrics["loss"].block_until_ready()
+
+        timed_first("linen", linen)
+        m1 = frn.from_torch(sd)
+        o1 = nnx_training.create_optimizer(m1, tx)
+        timed_first("nnx_jit", lambda: nnx_training.train_step(m1, o1, x, labels)["loss"].block_until_ready())
+        m2 = frn.from_torch(sd)
+        o2 = nnx_training.create_optimizer(m2, tx)
+        cached = nnx.cached_partial(nnx_training._train_step, m2, o2)
+        timed_first("nnx_cached", lambda: cached(x, labels, 0.0)["loss"].block_until_ready())
+        m3 = frn.from_torch(sd)
+        g, st = nnx.split((m3, nnx_training.create_optimizer(m3, tx)))
+        holder = [st]
+
+        def pure(st, x, y):
+            m, opt = nnx.merge(g, st)
+            metrics = nnx_training.train_step_fn(m, opt, x, y)
+            return nnx.state((m, opt)), metrics
+
+        step = jax.jit(pure, donate_argnums=0)
+
+        def split():
+            holder[0], metrics = step(holder[0], x, labels)
+            metrics["loss"].block_until_ready()
+
+        timed_first("nnx_split", split)
+    out = _round_robin(fns, task["repeats"], task.get("budget_s"), task["batch"])
+    for k in out:
+        out[k]["compile_s"] = compile_s[k]
+    return {"variants": out}
+
+
 def _torch_model(arch: str, batch: int, layout: str):
     import numpy as np
     import torch
@@ -409,6 +495,7 @@ WORKERS = {
     "torch_eval": worker_torch_eval,
     "torch_train": worker_torch_train,
     "compile": worker_compile,
+    "nnx": worker_nnx,
     "construct": worker_construct,
 }
 
@@ -704,6 +791,34 @@ def section_construct(r: Runner, args) -> str:
     )
 
 
+def section_nnx(r: Runner, args) -> str:
+    """Flax NNX against Linen, one process per row (ResNet-50 fp32): eval forward and train step."""
+    head = ["mode", "arch", "batch", "Linen jit", "NNX nnx.jit", "NNX cached_partial", "NNX split + jax.jit", "best NNX/Linen", "compile s Linen/nnx.jit"]
+    rows = []
+    for mode, batches in (("eval", [b for b in args.batches if b > 1] or args.batches), ("train", args.train_batches)):
+        for arch in args.nnx_archs:
+            for batch in batches:
+                rep, budget = (args.train_repeats, args.train_budget) if mode == "train" else (args.repeats, args.budget)
+                res = r.run("nnx", dict(mode=mode, arch=arch, batch=batch), "nnx", dict(kind="nnx", mode=mode, arch=arch, batch=batch, repeats=rep, budget_s=budget))
+                v = {k: (_variant(res, k) or {}) for k in ("linen", "nnx_jit", "nnx_cached", "nnx_split")}
+                speed = {k: x.get("img_s") for k, x in v.items()}
+                best = max([speed[k] for k in ("nnx_jit", "nnx_cached", "nnx_split") if speed[k]], default=None)
+                ratio = f"{best / speed['linen']:.2f}" if best and speed["linen"] else "-"
+                comp = f"{_fmt(v['linen'].get('compile_s'))}/{_fmt(v['nnx_jit'].get('compile_s'))}"
+                flag = " *" if _loaded([res]) else ""
+                digits = 1 if mode == "eval" else 2
+                rows.append([mode, arch, str(batch)] + [_fmt(speed[k], digits) for k in v] + [ratio + flag, comp] + ([res.get("error", "")] if not res.get("ok") else []))
+    note = (
+        "The same weights and batch in one process, variants timed in turns. Linen jit: the eval/train rows' code (`inference.predict_fn`; "
+        "`training.train_step_fn` under jit, state donated). NNX nnx.jit: `nnx.jit(lambda m, x: m(x))` / `flax_resnet.nnx.training.train_step`, "
+        "which walks the model (and optimizer) graph on every call; cached_partial: the same under `nnx.cached_partial` (the walk cached); "
+        "split + jax.jit: `nnx.split` once, then `jax.jit` of a pure function of the state (`nnx.merge` inside; train: donated). "
+        "compile s: first call (compile included) of Linen and of nnx.jit."
+    )
+    errs = [f"- {r_[0]} {r_[1]} batch {r_[2]}: {r_[-1]}" for r_ in rows if len(r_) > len(head)]
+    return "### Flax NNX vs Linen (img/s, higher is better)\n\n" + note + "\n\n" + markdown_table(head, [r_[: len(head)] for r_ in rows]) + (("\n\nErrors:\n" + "\n".join(errs)) if errs else "")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="resnet50 only, fewer repeats: a few minutes")
@@ -712,7 +827,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", nargs="+", type=int, help="eval batch sizes (default 1 32)")
     p.add_argument("--train-batches", nargs="+", type=int, help="train batch sizes (default 32; quick: 32)")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], help="default fp32 bf16")
-    p.add_argument("--sections", nargs="+", choices=["eval", "train", "compile", "construct"], default=["eval", "train", "compile", "construct"])
+    p.add_argument("--sections", nargs="+", choices=["eval", "train", "compile", "construct", "nnx"], default=["eval", "train", "compile", "construct", "nnx"])
+    p.add_argument("--nnx-archs", nargs="+", default=["resnet50"], help="architectures of the nnx section (default resnet50)")
     p.add_argument("--repeats", type=int, help="eval rounds per measurement (median; default 5, quick 3; batch 1: at least 10)")
     p.add_argument("--budget", type=float, default=None, help="eval: stop after >= 2 rounds once the timed calls took this many seconds (default 6)")
     p.add_argument("--train-repeats", type=int, default=3, help="train rounds per measurement (median; default 3)")
@@ -766,7 +882,7 @@ def main(argv=None) -> int:
     sys.stdout.flush()
 
     r = Runner(args)
-    sections = {"eval": section_eval, "train": section_train, "compile": section_compile, "construct": section_construct}
+    sections = {"eval": section_eval, "train": section_train, "compile": section_compile, "construct": section_construct, "nnx": section_nnx}
     texts = []
     for name in args.sections:
         text = sections[name](r, args)
