@@ -799,7 +799,8 @@ def section_nnx(r: Runner, args) -> str:
         for arch in args.nnx_archs:
             for batch in batches:
                 rep, budget = (args.train_repeats, args.train_budget) if mode == "train" else (args.repeats, args.budget)
-                res = r.run("nnx", dict(mode=mode, arch=arch, batch=batch), "nnx", dict(kind="nnx", mode=mode, arch=arch, batch=batch, repeats=rep, budget_s=budget))
+                task = dict(kind="nnx", mode=mode, arch=arch, batch=batch, repeats=rep, budget_s=budget)
+                res = r.run("nnx", dict(mode=mode, arch=arch, batch=batch), "nnx", task, timeout=1800 if mode == "train" else 900)  # four train compiles
                 v = {k: (_variant(res, k) or {}) for k in ("linen", "nnx_jit", "nnx_cached", "nnx_split")}
                 speed = {k: x.get("img_s") for k, x in v.items()}
                 best = max([speed[k] for k in ("nnx_jit", "nnx_cached", "nnx_split") if speed[k]], default=None)
