@@ -135,7 +135,7 @@ class Stage(nn.Module):
         rest = self.specs[len(specs) :]
         if rest:
             body = nn.remat(_ScanBody, prevent_cse=False) if self.remat else _ScanBody
-            scan = nn.scan(body, variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True}, length=len(rest))
+            scan = nn.scan(body, variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0}, split_rngs={"params": True}, length=len(rest))
             loop_conv = functools.partial(self.conv, conv_general_dilated=kernels.loop_conv_general_dilated)
             body_kw = dict(conv=loop_conv, norm=self.norm, zero_init_residual=self.zero_init_residual, train=train, emit=emit)
             x, ys = scan(rest[0], name="rest", **body_kw)(x)

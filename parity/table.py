@@ -44,6 +44,7 @@ def measure(arch: str, layout: str, configs, batch: int, size: tuple[int, int], 
                 "logits_rel": logits.rel if logits else None,
                 "torch_rel": logits.torch_rel if logits else None,
                 "worst": {m: {"point": p.name + (f" ({p.worst.split(':', 1)[-1]})" if p.worst else ""), "rel": p.rel, "tol": p.tol} for m, p in worst.items()},
+                "kinks": r.kinks,
                 "device": r.device,
                 "seconds": round(time.perf_counter() - t, 1),
             }
@@ -55,7 +56,9 @@ def markdown(rows: list[dict]) -> str:
     from flax_resnet.tables import markdown_table
 
     modes = list(rows[0]["worst"]) if rows else []
-    head = ["arch", "layout", "precision", "logits rel err", "torch's own", "ratio", *(f"worst {m} (rel / tol)" for m in modes), "pass"]
+    kinks = any(r.get("kinks") is not None for r in rows)
+    head = ["arch", "layout", "precision", "logits rel err", "torch's own", "ratio", *(f"worst {m} (rel / tol)" for m in modes)]
+    head += ["kinks followed"] * kinks + ["pass"]
     body = []
     for r in rows:
         own, rel = r["torch_rel"], r["logits_rel"]
@@ -69,6 +72,7 @@ def markdown(rows: list[dict]) -> str:
                 f"{own:.2e}" if own else "-",
                 f"{rel / own:.2f}" if own and rel is not None else "-",
                 *worst,
+                *([str(r["kinks"]) if r.get("kinks") is not None else "-"] * kinks),
                 "yes" if r["passed"] else "NO",
             ]
         )
