@@ -1,0 +1,1 @@
+"""flax-resnet benchmarks against PyTorch: ``python benchmarks/run.py`` (see its docstring)."""
