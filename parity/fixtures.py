@@ -16,7 +16,9 @@ import torch_ref
 
 
 @torch.no_grad()
-def randomize_and_calibrate(model: nn.Module, seed: int = 0, in_channels: int = 3, size: int = 64, batches: int = 3, batch_size: int = 8) -> nn.Module:
+def randomize_and_calibrate(
+    model: nn.Module, seed: int = 0, in_channels: int = 3, size: int = 64, batches: int = 3, batch_size: int = 8, last_bns: set | None = None
+) -> nn.Module:
     """Randomizes BN affine params and calibrates running stats in place.
 
     Each BN gets scale ~ U(0.5, 1.5) and bias ~ N(0, 0.2); the last BN of each
@@ -26,14 +28,16 @@ def randomize_and_calibrate(model: nn.Module, seed: int = 0, in_channels: int = 
     (``momentum=None`` is torch's cumulative average); ``num_batches_tracked``
     then counts those passes, as in a real checkpoint.
 
+    Args:
+        last_bns: the last BN of each residual branch (default: those of
+            ``torch_ref``'s blocks).
+
     Returns:
         ``model``, in eval mode.
     """
     g = torch.Generator().manual_seed(seed)
-    last_bns = set()
-    for m in model.modules():
-        if isinstance(m, torch_ref.resnet.Block):
-            last_bns.add(getattr(m, f"bn{m.n}"))
+    if last_bns is None:
+        last_bns = {getattr(m, f"bn{m.n}") for m in model.modules() if isinstance(m, torch_ref.resnet.Block)}
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             lo, hi = (0.1, 0.5) if m in last_bns else (0.5, 1.5)

@@ -10,8 +10,13 @@ transformers itself, key for key in the transformers layout.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+from flax_resnet.archs import get_arch
+from parity.fixtures import randomize_and_calibrate
 
 
 class TransformersResNet(nn.Module):
@@ -53,3 +58,37 @@ class TransformersResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_intermediates(x)["logits"]
+
+
+def config_of(arch: str) -> dict[str, Any]:
+    """``transformers.ResNetConfig`` arguments for a row of ``flax_resnet.ARCHS`` (7x7 stem, conv shortcut, no groups).
+
+    Raises:
+        ValueError: the row has no transformers counterpart.
+    """
+    spec = get_arch(arch)
+    if (spec.stem, spec.shortcut, spec.groups, spec.width_per_group) != ("7x7", "conv", 1, 64):
+        raise ValueError(f"{arch} has no transformers counterpart (transformers' ResNet: 7x7 stem, conv shortcut, no groups, width 64)")
+    hidden = [64 * 2**i * spec.expansion for i in range(4)]
+    return dict(layer_type=spec.block, depths=list(spec.stage_sizes), hidden_sizes=hidden)
+
+
+@torch.no_grad()
+def reference_model(config: str | dict[str, Any] = "resnet50", num_labels: int = 1000, seed: int = 0) -> nn.Module:
+    """A seeded ``ResNetForImageClassification`` with ``parity.fixtures``' BN treatment (random affine, calibrated stats), in eval mode.
+
+    Wrap it in ``TransformersResNet`` for the parity harness.
+
+    Args:
+        config: an ``ARCHS`` name (``config_of``) or ``ResNetConfig`` arguments.
+        num_labels: classifier outputs.
+        seed: seeds the weights, the BN params and the calibration batches.
+    """
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    kwargs = config_of(config) if isinstance(config, str) else config
+    torch.manual_seed(seed)
+    cfg = ResNetConfig(num_labels=num_labels, id2label={i: f"class {i}" for i in range(num_labels)}, **kwargs)
+    m = ResNetForImageClassification(cfg)
+    last = {layer.layer[-1].normalization for stage in m.resnet.encoder.stages for layer in stage.layers}
+    return randomize_and_calibrate(m, seed=seed, last_bns=last)

@@ -26,7 +26,12 @@ CONFIGS = {
 def measure(arch: str, layout: str, configs, batch: int, size: tuple[int, int], modes, scan_blocks: bool = False) -> list[dict]:
     from parity import fixtures, harness
 
-    model = fixtures.reference_model(arch, layout)
+    if layout == "transformers":
+        from parity import hf
+
+        model = hf.TransformersResNet(hf.reference_model(arch))
+    else:
+        model = fixtures.reference_model(arch, layout)
     x = fixtures.images(batch, 3, *size).numpy()
     rows = []
     for name in configs:
@@ -82,7 +87,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m parity.table", description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="+", default=["resnet50", "resnet101", "resnet152"], metavar="ARCH", help="architectures (default resnet50 resnet101 resnet152)")
-    p.add_argument("--layouts", nargs="+", default=["seed", "torchvision"], choices=["seed", "torchvision"], help="torch layouts: seed, torchvision (default both)")
+    p.add_argument("--layouts", nargs="+", default=["seed", "torchvision"], choices=["seed", "torchvision", "transformers"], help="torch layouts: seed, torchvision, transformers (transformers' own modules; default seed torchvision)")
     p.add_argument("--configs", nargs="+", default=["fp32", "fp64"], choices=list(CONFIGS), help=f"precisions: {', '.join(CONFIGS)} (default fp32 fp64)")
     p.add_argument("--modes", nargs="+", default=["eval"], choices=["eval", "train", "grad", "steps"], help="eval, train, grad, steps (default eval)")
     p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
@@ -97,6 +102,13 @@ def main(argv=None) -> int:
         for layout in args.layouts:
             if layout == "seed" and not get_arch(arch).has_seed_layout:
                 continue
+            if layout == "transformers":
+                from parity.hf import config_of
+
+                try:
+                    config_of(arch)
+                except ValueError:
+                    continue
             rows += measure(arch, layout, args.configs, args.batch, tuple(args.size), tuple(args.modes), args.scan_blocks)
             print(f"done {arch} {layout}", file=sys.stderr, flush=True)
     if rows:

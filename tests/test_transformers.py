@@ -14,7 +14,7 @@ import flax_resnet
 import torch_ref
 from flax_resnet import archs, convert
 from parity import fixtures, harness
-from parity.hf import TransformersResNet
+from parity.hf import TransformersResNet, reference_model
 
 # microsoft/resnet-18 and -50 (the hub configs' architecture fields), and a v1 bottleneck.
 CONFIGS = {
@@ -25,28 +25,9 @@ CONFIGS = {
 ARCH = {"resnet-18": "resnet18", "resnet-50": "resnet50", "resnet-26-v1": "resnet26"}
 
 
-@torch.no_grad()
 def hf_model(name: str, num_labels: int = 7, seed: int = 0) -> ResNetForImageClassification:
     """A seeded transformers ResNet with random BN affine params and calibrated running stats, in eval mode."""
-    torch.manual_seed(seed)
-    cfg = ResNetConfig(num_labels=num_labels, id2label={i: f"class {i}" for i in range(num_labels)}, **CONFIGS[name])
-    m = ResNetForImageClassification(cfg)
-    g = torch.Generator().manual_seed(seed)
-    last = {layer.layer[-1].normalization for stage in m.resnet.encoder.stages for layer in stage.layers}
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            lo, hi = (0.1, 0.5) if mod in last else (0.5, 1.5)
-            mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) * (hi - lo) + lo)
-            mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.2)
-            mod.reset_running_stats()
-            mod.momentum = None
-    m.train()
-    for _ in range(3):
-        m(torch.randn(8, 3, 64, 64, generator=g))
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.momentum = 0.1
-    return m.eval()
+    return reference_model(CONFIGS[name], num_labels=num_labels, seed=seed)
 
 
 def test_keys_match_transformers_both_ways():
