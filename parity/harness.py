@@ -49,16 +49,12 @@ is within twice the logits' tolerance (a near tie that rounding may flip).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import functools
-import platform
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import jax
 import jax.numpy as jnp
@@ -66,297 +62,28 @@ import optax
 
 import flax_resnet
 from flax_resnet.convert import flax_to_torch, infer_config
+from parity.constants import BF16_FLOOR, FP32_FLOOR, FP64_TOL, KINK_BAND, MODES, PERCENTILE_MIN_SIZE, SGD
+from parity.report import Argmax, Point, Report
+from parity.torch_side import (
+    _kinks_like,
+    _logits32,
+    _np,
+    _numpy,
+    _stats,
+    _torch_side,
+    _torch_variant,
+    describe_devices,
+    pinned_precision,
+    torch_device,
+    torch_variants,
+)
 
-MODES = ("eval", "train", "grad", "steps")
-FP32_FLOOR = 1e-6
-# A ReLU input within this fraction of its tensor's max|x| of zero is a kink that rounding may
-# flip: the float64 gradient reference takes the reduced-precision run's side of it (see
-# ``_kinks_like``). fp32 forward errors are ~1e-6 of max|x| (the eval points), so 1e-4 leaves 100x.
-KINK_BAND = 1e-4
-FP64_TOL = {"eval": 1e-10, "train": 1e-9, "grad": 1e-9, "steps": 1e-9}
-BF16_FLOOR = 1e-2
-SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-
-@dataclasses.dataclass
-class Point:
-    """One compared tensor (or group of tensors)."""
-
-    mode: str
-    name: str
-    max_abs: float
-    rel: float
-    tol: float
-    torch_rel: float | None = None  # torch's own error at this dtype, when measured
-    worst: str | None = None  # the worst tensor of a group
-
-    @property
-    def passed(self) -> bool:
-        return bool(np.isfinite(self.rel) and self.rel <= self.tol)
-
-
-@dataclasses.dataclass
-class Argmax:
-    """Predicted classes (eval mode): Flax against the float64 torch run."""
-
-    samples: int
-    mismatches: int  # differing argmax where the reference's top-2 margin exceeds the noise
-    near_ties: int  # differing argmax where the margin is within 2x the logits' tolerance (rounding may flip it)
-
-    @property
-    def passed(self) -> bool:
-        return self.mismatches == 0
-
-
-@dataclasses.dataclass
-class Report:
-    arch: str
-    layout: str
-    dtype: str
-    precision: str
-    batch: int
-    size: tuple[int, int]
-    device: str
-    points: list[Point]
-    torch_variants: tuple[str, ...] = ()  # torch runs whose median error is "torch own" for grad/steps
-    argmax: Argmax | None = None  # with "eval"
-    scan_blocks: bool = False  # the Flax side ran ResNet(scan_blocks=True)
-    api: str = "linen"  # the Flax side: the Linen model or the NNX one (flax_resnet.nnx)
-    kinks: int | None = None  # ReLU inputs at which the gradient reference took Flax's side (None: not matched)
-
-    @property
-    def passed(self) -> bool:
-        return all(p.passed for p in self.points) and (self.argmax is None or self.argmax.passed)
-
-    @property
-    def first_failure(self) -> Point | None:
-        return next((p for p in self.points if not p.passed), None)
-
-    def point(self, mode: str, name: str) -> Point:
-        return next(p for p in self.points if p.mode == mode and p.name == name)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for p, pd in zip(self.points, d["points"]):
-            pd["passed"] = p.passed
-        d["passed"] = self.passed
-        ff = self.first_failure
-        d["first_failure"] = f"{ff.mode} {ff.name}" if ff else (None if self.passed else "eval argmax")
-        return d
-
-    def format(self) -> str:
-        head = (
-            f"flax-resnet parity: {self.arch} ({self.layout} layout), batch {self.batch}, "
-            f"{self.size[0]}x{self.size[1]}, {self.dtype}, precision {self.precision}, {self.device}"
-            + (", Flax scan_blocks" if self.scan_blocks else "")
-            + (", Flax NNX" if self.api == "nnx" else "")
-        )
-        rows = [("mode", "point", "max abs err", "rel err", "tolerance", "torch own", "status")]
-        for p in self.points:
-            own = "-" if p.torch_rel is None else f"{p.torch_rel:.2e}"
-            status = "pass" if p.passed else "FAIL"
-            name = p.name + (f" ({p.worst.split(':', 1)[-1]})" if p.worst and (not p.passed or p.mode in ("grad", "steps")) else "")
-            rows.append((p.mode, name, f"{p.max_abs:.3e}", f"{p.rel:.3e}", f"{p.tol:.2e}", own, status))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        ff = self.first_failure
-        n = len(self.points)
-        if self.torch_variants and any(p.mode in ("grad", "steps") for p in self.points):
-            lines += [
-                "",
-                f"grad/steps: each tensor's p99 error (max under {PERCENTILE_MIN_SIZE} entries) over its max|grad| (steps: max|update|),"
-                f" against 2x torch's on it (the median of torch runs {', '.join(self.torch_variants)}); the worst tensor is shown",
-            ]
-        if self.kinks is not None:
-            lines += [
-                f"kinks: {self.kinks} ReLU input(s) within {KINK_BAND:g} of their tensor's max|x| of zero fell on the other side in Flax's"
-                " forward; the float64 gradient reference follows Flax there"
-            ]
-        am = self.argmax
-        if am is not None:
-            ties = f" ({am.near_ties} near tie(s) within rounding)" if am.near_ties else ""
-            lines += ["", f"argmax: {am.samples - am.mismatches - am.near_ties}/{am.samples} samples agree with torch float64{ties}"]
-        if ff is not None:
-            lines += ["", f"FAIL: first failure at {ff.mode} {ff.name}"]
-        elif not self.passed:
-            lines += ["", f"FAIL: argmax differs on {am.mismatches} of {am.samples} samples"]
-        else:
-            lines += ["", f"PASS: all {n} points within tolerance" + (", argmax agrees" if am is not None else "")]
-        return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------
-# Precision pinning
-
-
-@contextlib.contextmanager
-def pinned_precision(precision: str) -> Iterator[None]:
-    """Pins matmul/conv precision in JAX and torch, restoring both afterwards.
-
-    ``"highest"`` is true fp32 on GPUs (no TF32) in both frameworks;
-    ``"default"`` leaves each framework's default (TF32 on Ampere+ GPUs).
-    """
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    try:
-        if precision == "highest":
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-            with jax.default_matmul_precision("highest"):
-                yield
-        else:
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def torch_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def describe_devices() -> str:
-    jd = jax.devices()[0]
-    td = torch_device()
-    tname = torch.cuda.get_device_name(0) if td.type == "cuda" else platform.processor() or "cpu"
-    return f"jax {jax.default_backend()} ({jd.device_kind}) / torch {td.type} ({tname})"
-
-
-# ---------------------------------------------------------------------------
-# Running each side
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    a = _numpy(t)
-    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a  # NCHW -> NHWC for comparison
-
-
-# CPU: one thread changes how every reduction is split; CUDA: cuDNN's
-# autotuner picks other algorithms.
-def torch_variants() -> tuple[str, ...]:
-    """The torch executions whose spread is the gradient noise floor (see ``run_parity``)."""
-    return ("default", "channels_last", "cudnn_benchmark" if torch_device().type == "cuda" else "one_thread")
-
-
-@contextlib.contextmanager
-def _torch_variant(variant: str) -> Iterator[None]:
-    threads, bench = torch.get_num_threads(), torch.backends.cudnn.benchmark
-    try:
-        if variant == "one_thread":
-            torch.set_num_threads(1)
-        elif variant == "cudnn_benchmark":
-            torch.backends.cudnn.benchmark = True
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.backends.cudnn.benchmark = bench
-
-
-def _torch_side(
-    model: torch.nn.Module,
-    x: np.ndarray,
-    labels: np.ndarray,
-    modes: Sequence[str],
-    steps: int,
-    autocast_bf16: bool = False,
-    variant: str = "default",
-    relu_masks: Sequence[np.ndarray] | None = None,
-) -> dict[str, Any]:
-    dev = torch_device()
-    dtype = next(model.parameters()).dtype
-    xt = torch.from_numpy(x).to(dev, dtype)
-    yt = torch.from_numpy(labels).to(dev)
-    if variant == "channels_last":
-        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        xt = xt.contiguous(memory_format=torch.channels_last)
-    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
-    out: dict[str, dict[str, np.ndarray]] = {}
-    with ctx, _torch_variant(variant):
-        if "eval" in modes:
-            m = copy.deepcopy(model).to(dev).eval()
-            with torch.no_grad():
-                out["eval"] = {k: _np(v) for k, v in m.forward_intermediates(xt, blocks=True).items()}
-        if "train" in modes:
-            m = copy.deepcopy(model).to(dev).train()
-            with torch.no_grad():
-                res = {k: _np(v) for k, v in m.forward_intermediates(xt, blocks=True).items()}
-            res.update(_stats(m))
-            out["train"] = res
-        if "grad" in modes:
-            m = copy.deepcopy(model).to(dev).train()
-            with _kinks_like(m, relu_masks) if relu_masks is not None else contextlib.nullcontext() as kinks:
-                loss = F.cross_entropy(_logits32(m(xt)), yt)
-            loss.backward()
-            if kinks is not None:
-                out["kinks"] = kinks["moved"]
-            res = {"loss": np.asarray(loss.item())}
-            res.update({f"grad:{k}": _numpy(p.grad) for k, p in m.named_parameters()})
-            out["grad"] = res
-        if "steps" in modes:
-            m = copy.deepcopy(model).to(dev).train()
-            opt = torch.optim.SGD(m.parameters(), **SGD)
-            for _ in range(steps):
-                opt.zero_grad()
-                F.cross_entropy(_logits32(m(xt)), yt).backward()
-                opt.step()
-            res = {f"param:{k}": _numpy(p) for k, p in m.named_parameters()}
-            res.update(_stats(m))
-            out["steps"] = res
-    return out
-
-
-@contextlib.contextmanager
-def _kinks_like(model: torch.nn.Module, relu_masks: Sequence[np.ndarray]) -> Iterator[dict[str, int]]:
-    """Makes a torch forward take another run's side of every ReLU kink.
-
-    A train-mode gradient is the exact gradient of the piecewise-linear net
-    on one side of each kink; an activation within rounding of zero lands
-    on either side depending on summation order alone, and the two sides'
-    gradients differ by O(1) at that position and, through train-mode
-    BatchNorm, by ~1e-3 in every layer below (the ResNeXt-50 fixture: one
-    input of 4e-6 in layer3.3). So the float64 reference is taken on the
-    fp32 run's side: each ``nn.ReLU`` call (in network order, matching
-    ``relu_masks``: NHWC booleans ``x > 0`` of the other run) whose input
-    has the other sign *and* lies within ``KINK_BAND`` of its tensor's
-    max|x| of zero gets its input mirrored (``x -> -x``, a move of at most
-    2e-4 of max|x|, the gradient passing unchanged). A sign that differs
-    farther from zero is left alone: that is a real discrepancy.
-
-    Yields:
-        ``{"moved": n}``, filled in by the forward.
-
-    Raises:
-        ValueError: the forward made more or fewer ReLU calls than
-            ``relu_masks`` has, or one of another shape.
-    """
-    state = {"calls": 0, "moved": 0}
-
-    def hook(module, inputs, output):
-        i = state["calls"]
-        state["calls"] += 1
-        z = inputs[0]
-        if i >= len(relu_masks):
-            raise ValueError(f"kink matching: ReLU call {i + 1} of the torch forward has no Flax mask (Flax has {len(relu_masks)})")
-        want = torch.from_numpy(np.ascontiguousarray(relu_masks[i].transpose(0, 3, 1, 2))).to(z.device)
-        if want.shape != z.shape:
-            raise ValueError(f"kink matching: ReLU call {i + 1} has shape {tuple(z.shape)} in torch, {tuple(want.shape)} in Flax")
-        flip = ((z > 0) != want) & (z.abs() <= KINK_BAND * z.abs().max())
-        state["moved"] += int(flip.sum())
-        return F.relu(z + torch.where(flip, -2 * z, torch.zeros_like(z)).detach())
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.ReLU)]
-    try:
-        yield state
-    finally:
-        for h in handles:
-            h.remove()
-    if state["calls"] != len(relu_masks):
-        raise ValueError(f"kink matching: the torch forward made {state['calls']} ReLU calls, Flax {len(relu_masks)}")
+# The names other code and the tests use from here, including the helpers that moved out.
+__all__ = [
+    "MODES", "FP32_FLOOR", "KINK_BAND", "FP64_TOL", "BF16_FLOOR", "SGD", "PERCENTILE_MIN_SIZE",
+    "Point", "Argmax", "Report", "pinned_precision", "torch_device", "describe_devices", "torch_variants", "make_sgd", "run_parity",
+    "_kinks_like", "_logits32", "_np", "_numpy", "_stats", "_torch_side", "_torch_variant",
+]  # fmt: skip
 
 
 def _relu_masks(model: flax_resnet.ResNet, captured: dict, feats: dict) -> list[np.ndarray]:
@@ -379,14 +106,6 @@ def _relu_masks(model: flax_resnet.ResNet, captured: dict, feats: dict) -> list[
         masks.append(np.asarray(feats[f"layer{b.stage}.{b.index}"]) > 0)
     return masks
 
-
-def _logits32(logits: torch.Tensor) -> torch.Tensor:
-    """Loss in at least float32, as on the Flax side (float64 stays float64)."""
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
-
-
-def _stats(m: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {f"stat:{k}": _numpy(v) for k, v in m.state_dict().items() if k.endswith(("running_mean", "running_var"))}
 
 
 def make_sgd(lr: float | None = None, momentum: float | None = None, weight_decay: float | None = None) -> optax.GradientTransformation:
@@ -527,9 +246,6 @@ def _robust(dtype: str, mode: str, name: str) -> bool:
     # Running stats are not behind a kink of this step's gradient; params are.
     return dtype != "float64" and mode in ("grad", "steps") and not name.startswith("running_")
 
-
-# Tensors smaller than this are judged by their largest error, larger ones by the 99th percentile.
-PERCENTILE_MIN_SIZE = 100
 
 
 def _scale(mode: str, key: str, ref: dict, init: dict | None) -> float:

@@ -1,0 +1,13 @@
+"""The parity harness's settings and tolerances (``parity.harness`` documents the rules)."""
+
+MODES = ("eval", "train", "grad", "steps")
+FP32_FLOOR = 1e-6
+# A ReLU input within this fraction of its tensor's max|x| of zero is a kink that rounding may
+# flip: the float64 gradient reference takes the reduced-precision run's side of it (see
+# ``parity.torch_side._kinks_like``). fp32 forward errors are ~1e-6 of max|x| (the eval points), so 1e-4 leaves 100x.
+KINK_BAND = 1e-4
+FP64_TOL = {"eval": 1e-10, "train": 1e-9, "grad": 1e-9, "steps": 1e-9}
+BF16_FLOOR = 1e-2
+SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+# Tensors smaller than this are judged by their largest error, larger ones by the 99th percentile.
+PERCENTILE_MIN_SIZE = 100

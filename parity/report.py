@@ -1,0 +1,118 @@
+"""The parity harness's results: ``Point``s, the ``Argmax`` check and the ``Report`` (``parity.harness.run_parity``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from parity.constants import KINK_BAND, PERCENTILE_MIN_SIZE
+
+
+@dataclasses.dataclass
+class Point:
+    """One compared tensor (or group of tensors)."""
+
+    mode: str
+    name: str
+    max_abs: float
+    rel: float
+    tol: float
+    torch_rel: float | None = None  # torch's own error at this dtype, when measured
+    worst: str | None = None  # the worst tensor of a group
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.rel) and self.rel <= self.tol)
+
+
+@dataclasses.dataclass
+class Argmax:
+    """Predicted classes (eval mode): Flax against the float64 torch run."""
+
+    samples: int
+    mismatches: int  # differing argmax where the reference's top-2 margin exceeds the noise
+    near_ties: int  # differing argmax where the margin is within 2x the logits' tolerance (rounding may flip it)
+
+    @property
+    def passed(self) -> bool:
+        return self.mismatches == 0
+
+
+@dataclasses.dataclass
+class Report:
+    arch: str
+    layout: str
+    dtype: str
+    precision: str
+    batch: int
+    size: tuple[int, int]
+    device: str
+    points: list[Point]
+    torch_variants: tuple[str, ...] = ()  # torch runs whose median error is "torch own" for grad/steps
+    argmax: Argmax | None = None  # with "eval"
+    scan_blocks: bool = False  # the Flax side ran ResNet(scan_blocks=True)
+    api: str = "linen"  # the Flax side: the Linen model or the NNX one (flax_resnet.nnx)
+    kinks: int | None = None  # ReLU inputs at which the gradient reference took Flax's side (None: not matched)
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.points) and (self.argmax is None or self.argmax.passed)
+
+    @property
+    def first_failure(self) -> Point | None:
+        return next((p for p in self.points if not p.passed), None)
+
+    def point(self, mode: str, name: str) -> Point:
+        return next(p for p in self.points if p.mode == mode and p.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for p, pd in zip(self.points, d["points"]):
+            pd["passed"] = p.passed
+        d["passed"] = self.passed
+        ff = self.first_failure
+        d["first_failure"] = f"{ff.mode} {ff.name}" if ff else (None if self.passed else "eval argmax")
+        return d
+
+    def format(self) -> str:
+        head = (
+            f"flax-resnet parity: {self.arch} ({self.layout} layout), batch {self.batch}, "
+            f"{self.size[0]}x{self.size[1]}, {self.dtype}, precision {self.precision}, {self.device}"
+            + (", Flax scan_blocks" if self.scan_blocks else "")
+            + (", Flax NNX" if self.api == "nnx" else "")
+        )
+        rows = [("mode", "point", "max abs err", "rel err", "tolerance", "torch own", "status")]
+        for p in self.points:
+            own = "-" if p.torch_rel is None else f"{p.torch_rel:.2e}"
+            status = "pass" if p.passed else "FAIL"
+            name = p.name + (f" ({p.worst.split(':', 1)[-1]})" if p.worst and (not p.passed or p.mode in ("grad", "steps")) else "")
+            rows.append((p.mode, name, f"{p.max_abs:.3e}", f"{p.rel:.3e}", f"{p.tol:.2e}", own, status))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        ff = self.first_failure
+        n = len(self.points)
+        if self.torch_variants and any(p.mode in ("grad", "steps") for p in self.points):
+            lines += [
+                "",
+                f"grad/steps: each tensor's p99 error (max under {PERCENTILE_MIN_SIZE} entries) over its max|grad| (steps: max|update|),"
+                f" against 2x torch's on it (the median of torch runs {', '.join(self.torch_variants)}); the worst tensor is shown",
+            ]
+        if self.kinks is not None:
+            lines += [
+                f"kinks: {self.kinks} ReLU input(s) within {KINK_BAND:g} of their tensor's max|x| of zero fell on the other side in Flax's"
+                " forward; the float64 gradient reference follows Flax there"
+            ]
+        am = self.argmax
+        if am is not None:
+            ties = f" ({am.near_ties} near tie(s) within rounding)" if am.near_ties else ""
+            lines += ["", f"argmax: {am.samples - am.mismatches - am.near_ties}/{am.samples} samples agree with torch float64{ties}"]
+        if ff is not None:
+            lines += ["", f"FAIL: first failure at {ff.mode} {ff.name}"]
+        elif not self.passed:
+            lines += ["", f"FAIL: argmax differs on {am.mismatches} of {am.samples} samples"]
+        else:
+            lines += ["", f"PASS: all {n} points within tolerance" + (", argmax agrees" if am is not None else "")]
+        return "\n".join(lines)
+

@@ -1,0 +1,200 @@
+"""The torch side of the parity harness: precision pinning, torch's runs and their variants, kink matching."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import platform
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import jax
+
+from parity.constants import KINK_BAND, SGD
+
+
+# ---------------------------------------------------------------------------
+# Precision pinning
+
+
+@contextlib.contextmanager
+def pinned_precision(precision: str) -> Iterator[None]:
+    """Pins matmul/conv precision in JAX and torch, restoring both afterwards.
+
+    ``"highest"`` is true fp32 on GPUs (no TF32) in both frameworks;
+    ``"default"`` leaves each framework's default (TF32 on Ampere+ GPUs).
+    """
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        if precision == "highest":
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            with jax.default_matmul_precision("highest"):
+                yield
+        else:
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def torch_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe_devices() -> str:
+    jd = jax.devices()[0]
+    td = torch_device()
+    tname = torch.cuda.get_device_name(0) if td.type == "cuda" else platform.processor() or "cpu"
+    return f"jax {jax.default_backend()} ({jd.device_kind}) / torch {td.type} ({tname})"
+
+
+# ---------------------------------------------------------------------------
+# Running each side
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    a = _numpy(t)
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a  # NCHW -> NHWC for comparison
+
+
+# CPU: one thread changes how every reduction is split; CUDA: cuDNN's
+# autotuner picks other algorithms.
+def torch_variants() -> tuple[str, ...]:
+    """The torch executions whose spread is the gradient noise floor (see ``run_parity``)."""
+    return ("default", "channels_last", "cudnn_benchmark" if torch_device().type == "cuda" else "one_thread")
+
+
+@contextlib.contextmanager
+def _torch_variant(variant: str) -> Iterator[None]:
+    threads, bench = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    try:
+        if variant == "one_thread":
+            torch.set_num_threads(1)
+        elif variant == "cudnn_benchmark":
+            torch.backends.cudnn.benchmark = True
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = bench
+
+
+def _torch_side(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    labels: np.ndarray,
+    modes: Sequence[str],
+    steps: int,
+    autocast_bf16: bool = False,
+    variant: str = "default",
+    relu_masks: Sequence[np.ndarray] | None = None,
+) -> dict[str, Any]:
+    dev = torch_device()
+    dtype = next(model.parameters()).dtype
+    xt = torch.from_numpy(x).to(dev, dtype)
+    yt = torch.from_numpy(labels).to(dev)
+    if variant == "channels_last":
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with ctx, _torch_variant(variant):
+        if "eval" in modes:
+            m = copy.deepcopy(model).to(dev).eval()
+            with torch.no_grad():
+                out["eval"] = {k: _np(v) for k, v in m.forward_intermediates(xt, blocks=True).items()}
+        if "train" in modes:
+            m = copy.deepcopy(model).to(dev).train()
+            with torch.no_grad():
+                res = {k: _np(v) for k, v in m.forward_intermediates(xt, blocks=True).items()}
+            res.update(_stats(m))
+            out["train"] = res
+        if "grad" in modes:
+            m = copy.deepcopy(model).to(dev).train()
+            with _kinks_like(m, relu_masks) if relu_masks is not None else contextlib.nullcontext() as kinks:
+                loss = F.cross_entropy(_logits32(m(xt)), yt)
+            loss.backward()
+            if kinks is not None:
+                out["kinks"] = kinks["moved"]
+            res = {"loss": np.asarray(loss.item())}
+            res.update({f"grad:{k}": _numpy(p.grad) for k, p in m.named_parameters()})
+            out["grad"] = res
+        if "steps" in modes:
+            m = copy.deepcopy(model).to(dev).train()
+            opt = torch.optim.SGD(m.parameters(), **SGD)
+            for _ in range(steps):
+                opt.zero_grad()
+                F.cross_entropy(_logits32(m(xt)), yt).backward()
+                opt.step()
+            res = {f"param:{k}": _numpy(p) for k, p in m.named_parameters()}
+            res.update(_stats(m))
+            out["steps"] = res
+    return out
+
+
+@contextlib.contextmanager
+def _kinks_like(model: torch.nn.Module, relu_masks: Sequence[np.ndarray]) -> Iterator[dict[str, int]]:
+    """Makes a torch forward take another run's side of every ReLU kink.
+
+    A train-mode gradient is the exact gradient of the piecewise-linear net
+    on one side of each kink; an activation within rounding of zero lands
+    on either side depending on summation order alone, and the two sides'
+    gradients differ by O(1) at that position and, through train-mode
+    BatchNorm, by ~1e-3 in every layer below (the ResNeXt-50 fixture: one
+    input of 4e-6 in layer3.3). So the float64 reference is taken on the
+    fp32 run's side: each ``nn.ReLU`` call (in network order, matching
+    ``relu_masks``: NHWC booleans ``x > 0`` of the other run) whose input
+    has the other sign *and* lies within ``KINK_BAND`` of its tensor's
+    max|x| of zero gets its input mirrored (``x -> -x``, a move of at most
+    2e-4 of max|x|, the gradient passing unchanged). A sign that differs
+    farther from zero is left alone: that is a real discrepancy.
+
+    Yields:
+        ``{"moved": n}``, filled in by the forward.
+
+    Raises:
+        ValueError: the forward made more or fewer ReLU calls than
+            ``relu_masks`` has, or one of another shape.
+    """
+    state = {"calls": 0, "moved": 0}
+
+    def hook(module, inputs, output):
+        i = state["calls"]
+        state["calls"] += 1
+        z = inputs[0]
+        if i >= len(relu_masks):
+            raise ValueError(f"kink matching: ReLU call {i + 1} of the torch forward has no Flax mask (Flax has {len(relu_masks)})")
+        want = torch.from_numpy(np.ascontiguousarray(relu_masks[i].transpose(0, 3, 1, 2))).to(z.device)
+        if want.shape != z.shape:
+            raise ValueError(f"kink matching: ReLU call {i + 1} has shape {tuple(z.shape)} in torch, {tuple(want.shape)} in Flax")
+        flip = ((z > 0) != want) & (z.abs() <= KINK_BAND * z.abs().max())
+        state["moved"] += int(flip.sum())
+        return F.relu(z + torch.where(flip, -2 * z, torch.zeros_like(z)).detach())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    try:
+        yield state
+    finally:
+        for h in handles:
+            h.remove()
+    if state["calls"] != len(relu_masks):
+        raise ValueError(f"kink matching: the torch forward made {state['calls']} ReLU calls, Flax {len(relu_masks)}")
+
+
+def _logits32(logits: torch.Tensor) -> torch.Tensor:
+    """Loss in at least float32, as on the Flax side (float64 stays float64)."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+def _stats(m: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {f"stat:{k}": _numpy(v) for k, v in m.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
