@@ -39,23 +39,32 @@ def _first_then_round_robin(fns, task):
     return {"variants": out}
 
 
+def _torch_variants(task, train: bool, make_run) -> dict:
+    """Times ``make_run(model, fn, x, labels)`` of each variant: ``nchw``, ``cl`` (channels_last), ``compile`` (torch.compile, channels_last)."""
+    import torch
+
+    fns = {}
+    for variant in task["variants"]:
+        model, x, labels = _torch_model(task["arch"], task["batch"], "nchw" if variant == "nchw" else "cl")
+        model.train(train)
+        fns[variant] = make_run(model, torch.compile(model) if variant == "compile" else model, x, labels)
+    return _first_then_round_robin(fns, task)
+
+
 def worker_torch_eval(task):
     """torch eval forward, variants ``nchw``, ``cl`` (channels_last) and ``compile`` (torch.compile, channels_last)."""
     import torch
 
     bf16 = task["dtype"] == "bf16"
-    fns = {}
-    for variant in task["variants"]:
-        model, x, _ = _torch_model(task["arch"], task["batch"], "nchw" if variant == "nchw" else "cl")
-        model.eval()
-        fn = torch.compile(model) if variant == "compile" else model
 
-        def run(fn=fn, x=x):
+    def make_run(model, fn, x, labels):
+        def run():
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 fn(x)
 
-        fns[variant] = run
-    return _first_then_round_robin(fns, task)
+        return run
+
+    return _torch_variants(task, False, make_run)
 
 
 def worker_torch_train(task):
@@ -64,19 +73,17 @@ def worker_torch_train(task):
     import torch.nn.functional as F
 
     bf16 = task["dtype"] == "bf16"
-    fns = {}
-    for variant in task["variants"]:
-        model, x, labels = _torch_model(task["arch"], task["batch"], "nchw" if variant == "nchw" else "cl")
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        fn = torch.compile(model) if variant == "compile" else model
 
-        def run(fn=fn, x=x, labels=labels, opt=opt):
+    def make_run(model, fn, x, labels):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+        def run():
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(fn(x), labels)
             loss.backward()
             opt.step()
 
-        fns[variant] = run
-    return _first_then_round_robin(fns, task)
+        return run
+
+    return _torch_variants(task, True, make_run)

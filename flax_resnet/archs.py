@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterator
+from typing import Callable, Iterator
 
 LAYOUTS = ("torchvision", "seed", "transformers")
 STEMS = ("7x7", "deep", "deep_tiered")
@@ -214,6 +214,13 @@ def get_arch(name: str | ArchSpec) -> ArchSpec:
         raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}") from None
 
 
+def named_factory(make: Callable, name: str, doc: str) -> Callable:
+    """``make`` as the factory of row ``name``: that name and ``doc.format(name=name, spec=its ArchSpec)`` as docstring."""
+    make.__name__ = make.__qualname__ = name
+    make.__doc__ = doc.format(name=name, spec=get_arch(name))
+    return make
+
+
 def check_layout(spec: ArchSpec, layout: str) -> None:
     """Raises ValueError unless ``spec`` exists in state_dict layout ``layout``."""
     if layout not in LAYOUTS:
@@ -224,37 +231,41 @@ def check_layout(spec: ArchSpec, layout: str) -> None:
         raise ValueError(f"layout 'transformers' has a 7x7 stem, conv shortcuts and no groups; {spec.name} has none of that layout")
 
 
-# torchvision module name -> transformers' (ResNetForImageClassification), in order.
+# torchvision module name <-> transformers' (ResNetForImageClassification), in order. Stages
+# and convs count from 1 in torchvision's names (layer1, conv1), from 0 in transformers' (stages.0, layer.0).
 _TRANSFORMERS_NAMES = (
-    (r"^conv1$", "resnet.embedder.embedder.convolution"),
-    (r"^bn1$", "resnet.embedder.embedder.normalization"),
-    (r"^layer(\d)\.(\d+)\.conv(\d)$", lambda m: f"resnet.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.convolution"),
-    (r"^layer(\d)\.(\d+)\.bn(\d)$", lambda m: f"resnet.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.normalization"),
-    (r"^layer(\d)\.(\d+)\.downsample\.0$", lambda m: f"resnet.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.convolution"),
-    (r"^layer(\d)\.(\d+)\.downsample\.1$", lambda m: f"resnet.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization"),
-    (r"^fc$", "classifier.1"),
+    ("conv1", "resnet.embedder.embedder.convolution"),
+    ("bn1", "resnet.embedder.embedder.normalization"),
+    ("layer{stage}.{block}.conv{conv}", "resnet.encoder.stages.{stage}.layers.{block}.layer.{conv}.convolution"),
+    ("layer{stage}.{block}.bn{conv}", "resnet.encoder.stages.{stage}.layers.{block}.layer.{conv}.normalization"),
+    ("layer{stage}.{block}.downsample.0", "resnet.encoder.stages.{stage}.layers.{block}.shortcut.convolution"),
+    ("layer{stage}.{block}.downsample.1", "resnet.encoder.stages.{stage}.layers.{block}.shortcut.normalization"),
+    ("fc", "classifier.1"),
 )
-_FROM_TRANSFORMERS = (
-    (r"^resnet\.embedder\.embedder\.convolution$", "conv1"),
-    (r"^resnet\.embedder\.embedder\.normalization$", "bn1"),
-    (r"^resnet\.encoder\.stages\.(\d)\.layers\.(\d+)\.layer\.(\d)\.convolution$", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}"),
-    (r"^resnet\.encoder\.stages\.(\d)\.layers\.(\d+)\.layer\.(\d)\.normalization$", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}"),
-    (r"^resnet\.encoder\.stages\.(\d)\.layers\.(\d+)\.shortcut\.convolution$", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.0"),
-    (r"^resnet\.encoder\.stages\.(\d)\.layers\.(\d+)\.shortcut\.normalization$", lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.1"),
-    (r"^classifier\.1$", "fc"),
-)
+_NAME_FIELDS = {"stage": r"\d", "block": r"\d+", "conv": r"\d"}
+
+
+def _name_pattern(template: str) -> str:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, ...
+    return "^" + "".join(f"(?P<{p}>{_NAME_FIELDS[p]})" if i % 2 else re.escape(p) for i, p in enumerate(parts)) + "$"
+
+
+_TO_TRANSFORMERS = tuple((_name_pattern(tv), tf, -1) for tv, tf in _TRANSFORMERS_NAMES)
+_FROM_TRANSFORMERS = tuple((_name_pattern(tf), tv, 1) for tv, tf in _TRANSFORMERS_NAMES)
 
 
 def _rename(rules, name: str) -> str | None:
-    for pattern, repl in rules:
+    """The first rule's template filled from ``name`` (stage and conv numbers shifted by the rule's ``shift``), or ``None``."""
+    for pattern, template, shift in rules:
         if re.match(pattern, name):
-            return re.sub(pattern, repl, name)
+            fields = lambda m: {k: v if k == "block" else int(v) + shift for k, v in m.groupdict().items()}  # noqa: E731
+            return re.sub(pattern, lambda m: template.format(**fields(m)), name)
     return None
 
 
 def transformers_name(name: str) -> str:
     """transformers' module name for a torchvision module name (``"layer1.0.conv2"``)."""
-    out = _rename(_TRANSFORMERS_NAMES, name)
+    out = _rename(_TO_TRANSFORMERS, name)
     if out is None:
         raise ValueError(f"{name!r} has no counterpart in the transformers layout")
     return out

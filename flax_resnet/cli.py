@@ -33,6 +33,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def add_command(subparsers: argparse._SubParsersAction, name: str, help: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand's parser, in the one help layout (``HelpFormatter``)."""
+    return subparsers.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=HelpFormatter)
+
+
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 

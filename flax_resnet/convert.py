@@ -239,6 +239,13 @@ def torch_to_flax(
     return stack_blocks(variables) if scan_blocks else variables
 
 
+def _state_dict_variables(state_dict: Mapping[str, Any], arch: str | None, layout: str | None, dtype: Any, scan_blocks: bool):
+    """``(state_dict, config, variables)``: the normalized state_dict, its ``infer_config`` and ``torch_to_flax`` (each front end's ``from_torch``)."""
+    sd = normalize_state_dict(state_dict)
+    cfg = infer_config(sd, arch, layout)
+    return sd, cfg, torch_to_flax(sd, cfg.arch, cfg.layout, dtype=dtype, scan_blocks=scan_blocks)
+
+
 def from_torch(
     state_dict: Mapping[str, Any],
     arch: str | None = None,
@@ -272,9 +279,7 @@ def from_torch(
     from flax_resnet.model import ResNet
 
     _check_float_dtype(param_dtype)
-    sd = normalize_state_dict(state_dict)
-    cfg = infer_config(sd, arch, layout)
-    variables = torch_to_flax(sd, cfg.arch, cfg.layout, dtype=param_dtype, scan_blocks=scan_blocks)
+    sd, cfg, variables = _state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks)
     if not allow_nonfinite:
         check_finite({leaf.torch_key: sd[leaf.torch_key] for leaf in leaves(cfg)}, "Flax variables")
     kwargs = dict(param_dtype=param_dtype) if param_dtype is not None else {}

@@ -7,7 +7,7 @@ import json
 import sys
 
 from flax_resnet.archs import ARCHS
-from flax_resnet.cli import HelpFormatter
+from flax_resnet.cli import add_command
 
 CONVERT_EPILOG = """\
 output format (from DST's suffix):
@@ -49,6 +49,17 @@ examples:
 """
 
 
+CONVERT_DESCRIPTION = (
+    "Convert a ResNet checkpoint: strict (every key and shape checked), safe "
+    "(no pickled code runs), atomic (no partial output) and never overwriting without --force."
+)
+INSPECT_DESCRIPTION = (
+    "Describe a checkpoint file or Orbax directory. Exit status 0 if convert would "
+    "accept it, 1 if it has problems (non-finite values, unexpected/missing/mis-shaped keys), "
+    "2 if it is not a readable checkpoint."
+)
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -58,14 +69,7 @@ def _human_bytes(n: int) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    c = subparsers.add_parser(
-        "convert",
-        help="convert a checkpoint between PyTorch, safetensors, Flax msgpack and Orbax",
-        description="Convert a ResNet checkpoint: strict (every key and shape checked), safe "
-        "(no pickled code runs), atomic (no partial output) and never overwriting without --force.",
-        epilog=CONVERT_EPILOG,
-        formatter_class=HelpFormatter,
-    )
+    c = add_command(subparsers, "convert", "convert a checkpoint between PyTorch, safetensors, Flax msgpack and Orbax", CONVERT_DESCRIPTION, CONVERT_EPILOG)
     c.add_argument("src", metavar="SRC", help="input file or Orbax directory")
     c.add_argument("dst", metavar="DST", help="output path; its suffix picks the format (see below)")
     c.add_argument(
@@ -86,14 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=run_convert)
 
-    i = subparsers.add_parser(
-        "inspect",
-        help="describe a checkpoint: architecture, layout, classes, parameters, dtypes, problems",
-        description="Describe a checkpoint file or Orbax directory. Exit status 0 if convert would "
-        "accept it, 1 if it has problems (non-finite values, unexpected/missing/mis-shaped keys), "
-        "2 if it is not a readable checkpoint.",
-        formatter_class=HelpFormatter,
-    )
+    i = add_command(subparsers, "inspect", "describe a checkpoint: architecture, layout, classes, parameters, dtypes, problems", INSPECT_DESCRIPTION)
     i.add_argument("file", metavar="FILE", help="checkpoint file or Orbax directory")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.set_defaults(func=run_inspect)

@@ -265,21 +265,21 @@ class ResNet(nn.Module):
         return self.intermediates(x, train)["logits"]
 
 
+_FACTORY_DOC = (
+    "Flax {name} ({spec.source}: stem {spec.stem}, shortcut {spec.shortcut}): ``ResNet(arch={name!r}, ...)``.\n\n"
+    "Args:\n    num_classes: outputs of ``fc``.\n    conv_bias: convs with bias (the seed layout).\n"
+    "    dtype: compute dtype (``None`` follows the inputs).\n    param_dtype: dtype of params and BN statistics.\n"
+    "    **kwargs: any other ``ResNet`` attribute.\n"
+)
+
+
 def _factory(name: str) -> Callable[..., ResNet]:
     def make(
         num_classes: int = 1000, conv_bias: bool = False, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, **kwargs: Any
     ) -> ResNet:
         return ResNet(arch=name, num_classes=num_classes, conv_bias=conv_bias, dtype=dtype, param_dtype=param_dtype, **kwargs)
 
-    spec = get_arch(name)
-    make.__name__ = make.__qualname__ = name
-    make.__doc__ = (
-        f"Flax {name} ({spec.source}: stem {spec.stem}, shortcut {spec.shortcut}): ``ResNet(arch={name!r}, ...)``.\n\n"
-        "Args:\n    num_classes: outputs of ``fc``.\n    conv_bias: convs with bias (the seed layout).\n"
-        "    dtype: compute dtype (``None`` follows the inputs).\n    param_dtype: dtype of params and BN statistics.\n"
-        "    **kwargs: any other ``ResNet`` attribute.\n"
-    )
-    return make
+    return archs.named_factory(make, name, _FACTORY_DOC)
 
 
 # One factory per architecture: flax_resnet.resnet50(), flax_resnet.resnet50d(), ...

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flax_resnet.cli import HelpFormatter
+from flax_resnet.cli import add_command
 from flax_resnet import preprocess as pp
 
 EPILOG = """\
@@ -39,16 +39,14 @@ examples:
   flax-resnet predict batch.npz --weights runs/digits/checkpoints --resize 0 --crop 0 --mean 0.5 --std 0.5
 """
 
+DESCRIPTION = (
+    "Classify images with any checkpoint this package reads or a pretrained name "
+    "(torchvision weights, Hugging Face hub ids), preprocessed as the weights' source does."
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "predict",
-        help="top-k classes of images under a checkpoint or pretrained weights",
-        description="Classify images with any checkpoint this package reads or a pretrained name "
-        "(torchvision weights, Hugging Face hub ids), preprocessed as the weights' source does.",
-        epilog=EPILOG,
-        formatter_class=HelpFormatter,
-    )
+    p = add_command(subparsers, "predict", "top-k classes of images under a checkpoint or pretrained weights", DESCRIPTION, EPILOG)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or .npz files with an 'images' array (NHWC)")
     p.add_argument("--weights", required=True, metavar="W",
                    help="checkpoint file/Orbax directory, torchvision name (ResNet50_Weights.IMAGENET1K_V2, resnet50) "

@@ -66,35 +66,21 @@ def stack_blocks(variables: Mapping[str, Any]) -> dict[str, Any]:
     """
     if is_stacked(variables):
         raise ConversionError("stacked Flax variables", other=["variables are already stacked (have a layerN/rest subtree)"])
-    problems = []
-    out: dict[str, Any] = {}
-    for collection, tree in variables.items():
-        if not isinstance(tree, Mapping):
-            out[collection] = tree
-            continue
-        new: dict[str, Any] = {}
-        for name, stage in tree.items():
-            if not (_is_stage(name) and isinstance(stage, Mapping)):
-                new[name] = stage
-                continue
-            n = len(stage)
-            if sorted(stage) != sorted(str(i) for i in range(n)):
-                problems.append(f"{collection}/{name} has blocks {sorted(stage)}, expected 0..{n - 1}")
-                continue
-            if n < 2:
-                new[name] = dict(stage)
-                continue
-            rest = [stage[str(i)] for i in range(1, n)]
-            want = _tree_structure(rest[0])
-            bad = [str(i) for i, b in enumerate(rest, start=1) if _tree_structure(b) != want]
-            if bad:
-                problems.append(f"{collection}/{name} blocks {', '.join(bad)} differ in structure, shape or dtype from block 1")
-                continue
-            new[name] = {"0": stage["0"], SCAN_NAME: _map_blocks(_stack, rest)}
-        out[collection] = new
-    if problems:
-        raise ConversionError("stacked Flax variables", other=problems)
-    return out
+    return _map_stages(variables, lambda stage: True, _stack_stage, "stacked Flax variables")
+
+
+def _stack_stage(where: str, stage: Mapping) -> dict | str:
+    n = len(stage)
+    if sorted(stage) != sorted(str(i) for i in range(n)):
+        return f"{where} has blocks {sorted(stage)}, expected 0..{n - 1}"
+    if n < 2:
+        return dict(stage)
+    rest = [stage[str(i)] for i in range(1, n)]
+    want = _tree_structure(rest[0])
+    bad = [str(i) for i, b in enumerate(rest, start=1) if _tree_structure(b) != want]
+    if bad:
+        return f"{where} blocks {', '.join(bad)} differ in structure, shape or dtype from block 1"
+    return {"0": stage["0"], SCAN_NAME: _map_blocks(_stack, rest)}
 
 
 def unstack_blocks(variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,6 +94,32 @@ def unstack_blocks(variables: Mapping[str, Any]) -> dict[str, Any]:
         ConversionError: a stage has names other than ``0`` and ``rest``, or
             the leading sizes of its ``rest`` leaves differ.
     """
+    return _map_stages(variables, lambda stage: SCAN_NAME in stage, _unstack_stage, "unrolled Flax variables")
+
+
+def _unstack_stage(where: str, stage: Mapping) -> dict | str:
+    extra = sorted(k for k in stage if k not in ("0", SCAN_NAME))
+    if extra:
+        return f"{where} mixes stacked blocks with unrolled ones ({', '.join(extra)})"
+    sizes = {np.shape(a)[0] if np.ndim(a) else None for a in _tree_structure_leaves(stage[SCAN_NAME])}
+    if len(sizes) != 1 or None in sizes:
+        return f"{where}/{SCAN_NAME} leaves have leading sizes {sorted(map(str, sizes))}, expected one"
+    (m,) = sizes
+    unrolled = {"0": stage["0"]} if "0" in stage else {}
+    for i in range(m):
+        unrolled[str(i + 1)] = _map_blocks(lambda a, i=i: a[0][i], [stage[SCAN_NAME]])
+    return unrolled
+
+
+def _map_stages(variables: Mapping[str, Any], select: Callable[[Mapping], bool], convert: Callable[[str, Mapping], Any], what: str) -> dict[str, Any]:
+    """``variables`` with ``convert("collection/layerN", stage)`` for every stage ``select`` picks; the rest kept as it is (not copied).
+
+    ``convert`` returns the new stage, or a problem (a string); every
+    problem of every stage is raised at once.
+
+    Raises:
+        ConversionError: ``convert`` found problems (``what`` is the expected kind of tree).
+    """
     problems = []
     out: dict[str, Any] = {}
     for collection, tree in variables.items():
@@ -116,25 +128,17 @@ def unstack_blocks(variables: Mapping[str, Any]) -> dict[str, Any]:
             continue
         new: dict[str, Any] = {}
         for name, stage in tree.items():
-            if not (_is_stage(name) and isinstance(stage, Mapping) and SCAN_NAME in stage):
+            if not (_is_stage(name) and isinstance(stage, Mapping) and select(stage)):
                 new[name] = stage
                 continue
-            extra = sorted(k for k in stage if k not in ("0", SCAN_NAME))
-            if extra:
-                problems.append(f"{collection}/{name} mixes stacked blocks with unrolled ones ({', '.join(extra)})")
-                continue
-            sizes = {np.shape(a)[0] if np.ndim(a) else None for a in _tree_structure_leaves(stage[SCAN_NAME])}
-            if len(sizes) != 1 or None in sizes:
-                problems.append(f"{collection}/{name}/{SCAN_NAME} leaves have leading sizes {sorted(map(str, sizes))}, expected one")
-                continue
-            (m,) = sizes
-            unrolled = {"0": stage["0"]} if "0" in stage else {}
-            for i in range(m):
-                unrolled[str(i + 1)] = _map_blocks(lambda a, i=i: a[0][i], [stage[SCAN_NAME]])
-            new[name] = unrolled
+            converted = convert(f"{collection}/{name}", stage)
+            if isinstance(converted, str):
+                problems.append(converted)
+            else:
+                new[name] = converted
         out[collection] = new
     if problems:
-        raise ConversionError("unrolled Flax variables", other=problems)
+        raise ConversionError(what, other=problems)
     return out
 
 

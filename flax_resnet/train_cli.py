@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from flax_resnet.cli import HelpFormatter
+from flax_resnet.cli import add_command
 
 DEFAULTS = dict(epochs=12, batch_size=64, warmup_epochs=1.0, max_shift=2, seed=0)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -29,12 +29,7 @@ RECIPE_KEYS = ("epochs", "lr", "schedule", "warmup_epochs", "momentum", "weight_
 def register(subparsers) -> None:
     from flax_resnet.archs import ARCHS
 
-    p = subparsers.add_parser(
-        "train",
-        help="train a ResNet in JAX (digits or a .npz of images and labels)",
-        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        formatter_class=HelpFormatter,
-    )
+    p = add_command(subparsers, "train", "train a ResNet in JAX (digits or a .npz of images and labels)", __doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--arch", default=None, choices=list(ARCHS), metavar="ARCH",
                    help=f"architecture: {', '.join(ARCHS)} (default: resnet50, or the --init checkpoint's)")
     p.add_argument("--dataset", default="digits", help="'digits' (scikit-learn's, 32x32) or a .npz with arrays images and labels")

@@ -20,14 +20,12 @@ from flax_resnet.archs import ArchSpec, get_arch
 from flax_resnet.convert import (
     ConversionError,
     ModelConfig,
+    _state_dict_variables,
     check_variables,
     flax_to_torch,
-    infer_config,
     infer_flax_config,
     is_stacked,
-    normalize_state_dict,
     stack_blocks,
-    torch_to_flax,
     unstack_blocks,
 )
 from flax_resnet.nnx.model import ResNet
@@ -116,14 +114,7 @@ def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, A
     return model
 
 
-def from_torch(
-    state_dict: Mapping[str, Any],
-    arch: str | None = None,
-    layout: str | None = None,
-    param_dtype: Any = None,
-    scan_blocks: bool = False,
-    **model_kwargs: Any,
-) -> ResNet:
+def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: str | None = None, param_dtype: Any = None, scan_blocks: bool = False, **model_kwargs: Any) -> ResNet:
     """The NNX ResNet of a torch state_dict (every layout ``flax_resnet.from_torch`` reads).
 
     Args:
@@ -142,9 +133,7 @@ def from_torch(
     Raises:
         ConversionError: every missing key, unexpected key and shape mismatch at once.
     """
-    sd = normalize_state_dict(state_dict)
-    cfg = infer_config(sd, arch, layout)
-    variables = torch_to_flax(sd, cfg.arch, cfg.layout, dtype=param_dtype, scan_blocks=scan_blocks)
+    _, cfg, variables = _state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks)
     return from_linen(cfg.arch, variables, scan_blocks=scan_blocks, **model_kwargs)
 
 

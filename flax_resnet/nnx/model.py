@@ -378,6 +378,19 @@ class ResNet(nnx.Module):
         return self.intermediates(x)["logits"]
 
 
+_FACTORY_DOC = (
+    "Flax NNX {name} ({spec.source}; stem {spec.stem}, shortcut {spec.shortcut}), in train mode.\n\n"
+    "Args:\n"
+    "    num_classes: outputs of the classifier.\n"
+    "    rngs: ``nnx.Rngs`` for the initializers (default ``nnx.Rngs(0)``).\n"
+    "    in_channels: input channels.\n"
+    "    conv_bias: convs with bias (the seed layout of resnet50/101/152).\n"
+    "    dtype: compute dtype (``None``: follow the inputs; ``jnp.bfloat16``: mixed precision).\n"
+    "    param_dtype: dtype of parameters and BatchNorm statistics.\n"
+    "    **kwargs: any other ``ResNet`` argument (``scan_blocks``, ``remat``, ``axis_name``, ...).\n"
+)
+
+
 def _factory(name: str):
     def make(
         num_classes: int = 1000,
@@ -394,17 +407,4 @@ def _factory(name: str):
             rngs=nnx.Rngs(0) if rngs is None else rngs, **kwargs,
         )
 
-    spec = get_arch(name)
-    make.__name__ = make.__qualname__ = name
-    make.__doc__ = (
-        f"Flax NNX {name} ({spec.source}; stem {spec.stem}, shortcut {spec.shortcut}), in train mode.\n\n"
-        "Args:\n"
-        "    num_classes: outputs of the classifier.\n"
-        "    rngs: ``nnx.Rngs`` for the initializers (default ``nnx.Rngs(0)``).\n"
-        "    in_channels: input channels.\n"
-        "    conv_bias: convs with bias (the seed layout of resnet50/101/152).\n"
-        "    dtype: compute dtype (``None``: follow the inputs; ``jnp.bfloat16``: mixed precision).\n"
-        "    param_dtype: dtype of parameters and BatchNorm statistics.\n"
-        "    **kwargs: any other ``ResNet`` argument (``scan_blocks``, ``remat``, ``axis_name``, ...).\n"
-    )
-    return make
+    return archs.named_factory(make, name, _FACTORY_DOC)

@@ -18,7 +18,7 @@ statistics, running stats updated as torch does) or ``model.eval()``
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -104,29 +104,19 @@ def replicate(node: Any, mesh: Mesh) -> Any:
 
 
 def train_epoch(
-    model: nnx.Module,
-    optimizer: nnx.Optimizer,
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    *,
-    epoch: int,
-    seed: int = 0,
-    max_shift: int = 0,
-    label_smoothing: float = 0.0,
-    mesh: Mesh | None = None,
-    progress: Callable[[int, dict], None] | None = None,
+    model: nnx.Module, optimizer: nnx.Optimizer, images: np.ndarray, labels: np.ndarray, batch_size: int, *, label_smoothing: float = 0.0, **loop: Any
 ) -> dict[str, float]:
     """One pass of ``train_step`` over the training set (``flax_resnet.training.run_epoch``), in place.
 
     The same batches, in the same ``(seed, epoch)`` order, as the Linen
     ``train_epoch``; the step is ``nnx.cached_partial`` of the jitted one
     (the model and optimizer graphs are traversed once, not per step).
-    Returns ``run_epoch``'s metrics.
+    ``loop``: ``run_epoch``'s keywords, ``epoch`` (required), ``seed``,
+    ``max_shift``, ``mesh`` and ``progress``. Returns ``run_epoch``'s metrics.
     """
     step = nnx.cached_partial(_train_step, model, optimizer)
     smoothing = float(label_smoothing)
-    metrics = run_epoch(lambda x, y: step(x, y, smoothing), images, labels, batch_size, epoch=epoch, seed=seed, max_shift=max_shift, mesh=mesh, progress=progress)
+    metrics = run_epoch(lambda x, y: step(x, y, smoothing), images, labels, batch_size, **loop)
     jax.block_until_ready(nnx.state(model))
     return metrics
 

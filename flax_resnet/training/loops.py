@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -94,27 +94,19 @@ def run_eval(eval_fn: Callable[..., dict], images: np.ndarray, labels: np.ndarra
     return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count, "count": int(totals["count"])}
 
 
-def train_epoch(
-    state: TrainState,
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    *,
-    epoch: int,
-    seed: int = 0,
-    max_shift: int = 0,
-    label_smoothing: float = 0.0,
-    mesh: Mesh | None = None,
-    progress: Callable[[int, dict], None] | None = None,
-):
-    """One pass of ``train_step`` over the training set (``run_epoch``); returns ``(state, metrics)``."""
+def train_epoch(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int, *, label_smoothing: float = 0.0, **loop: Any):
+    """One pass of ``train_step`` over the training set; returns ``(state, metrics)``.
+
+    ``loop``: ``run_epoch``'s keywords, ``epoch`` (required), ``seed``,
+    ``max_shift``, ``mesh`` and ``progress``; the metrics are its.
+    """
     holder = [state]
 
     def step(x, y):
         holder[0], m = train_step(holder[0], x, y, label_smoothing=float(label_smoothing))
         return m
 
-    metrics = run_epoch(step, images, labels, batch_size, epoch=epoch, seed=seed, max_shift=max_shift, mesh=mesh, progress=progress)
+    metrics = run_epoch(step, images, labels, batch_size, **loop)
     jax.block_until_ready(holder[0].params)
     return holder[0], metrics
 
