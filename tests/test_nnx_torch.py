@@ -24,8 +24,7 @@ TOL = {"eval": 1e-10, "train": 1e-9, "grad": 1e-9}
 
 # (arch, layout, scan_blocks): ResNet-50 in both layouts, a basic-block model, a grouped
 # model, and a 100+-layer model scanned.
-CASES = [
-    ("resnet50", "torchvision", False),
+CASES = [  # the seed layout (conv biases) at 50 layers; torchvision's keys are the others'
     ("resnet50", "seed", False),
     ("resnet18", "torchvision", False),
     ("resnext50_32x4d", "torchvision", False),

@@ -78,9 +78,14 @@ def _argmax_agrees(model, x):
 # --- the core matrix: depth x layout x dtype, eval + train + grad -----------
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("layout", ["torchvision", "seed"])
-@pytest.mark.parametrize("arch", DEPTHS)
+# Both layouts at 50 layers; each deeper net in one layout (ResNet-101 torchvision, ResNet-152 seed).
+# The layouts differ only in conv biases and the shortcut's name: tests/test_convert.py round-trips
+# both at every depth bit-exactly, the batch-1 tests below run every depth in both in eval, and
+# torch_ref's torchvision layout matches torchvision's own numbers at every depth (test_reference.py).
+DEPTH_CASES = [(a, lay, d) for a, lays in (("resnet50", ("torchvision", "seed")), ("resnet101", ("torchvision",)), ("resnet152", ("seed",))) for lay in lays for d in ("float32", "float64")]
+
+
+@pytest.mark.parametrize("arch,layout,dtype", DEPTH_CASES)
 def test_depths_eval_train_grad(arch, layout, dtype):
     model = ref(arch, layout)
     # SGD steps reuse the gradient's compiled executable; ResNet-50 runs them.
@@ -104,8 +109,16 @@ OTHER_CASES = [(a, d) for a in OTHER_ARCHS for d in ("float32", "float64")]
 
 
 @pytest.mark.parametrize("arch,dtype", OTHER_CASES)
-def test_other_architectures_eval_train_grad(arch, dtype):
-    check(harness.run_parity(ref(arch, "torchvision"), x_(4, 3, 64, 64), modes=("eval", "train", "grad"), dtype=dtype, scan_blocks=scan(arch)))
+def test_other_architectures(arch, dtype):
+    """Eval, train mode and gradients; for the 100+-layer wide and ResNeXt rows eval only.
+
+    Their blocks' train-mode forward and backward are the 50-layer rows' code
+    (wide_resnet50_2, resnext50_32x4d here) at the depth of resnet101 (above):
+    what 100M-parameter backward compiles would add is CI time, not coverage.
+    """
+    modes = ("eval",) if scan(arch) else ("eval", "train", "grad")
+    r = check(harness.run_parity(ref(arch, "torchvision"), x_(4, 3, 64, 64), modes=modes, dtype=dtype, scan_blocks=scan(arch)))
+    assert {p.mode for p in r.points} == set(modes)
 
 
 # --- inputs: full size, odd sizes, batch 1, other heads and channels --------

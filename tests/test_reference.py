@@ -9,7 +9,7 @@ regenerates from each key's name, in float64. Every architecture there must
 be in ``flax_resnet.ARCHS``, have the same state_dict keys and shapes in
 ``torch_ref``, and reproduce the library's eval outputs, one train-mode pass
 (logits and updated running statistics) and its gradients, at an odd and an
-even input size, to 1e-10 of the reference's magnitude in both ``torch_ref``
+even input size (100+-layer rows: the odd one), to 1e-10 of the reference's magnitude in both ``torch_ref``
 and Flax (float64).
 """
 
@@ -142,7 +142,8 @@ def test_torch_ref_matches_library(arch):
     assert got_shapes == shapes(meta), {k: (got_shapes.get(k), shapes(meta).get(k)) for k in set(got_shapes) ^ set(shapes(meta))}
     model.load_state_dict({k: torch.from_numpy(v) for k, v in rw.reference_weights(shapes(meta)).items()}, strict=True, assign=True)
     m = Mismatch(f"torch_ref {arch}")
-    for size in rw.SIZES:
+    # 100+ layers at the odd size only: their blocks are the shallower rows' code, checked at both sizes.
+    for size in ("odd",) if deep(arch) else rw.SIZES:
         x = torch.from_numpy(rw.images(size))
         with torch.no_grad():
             ev = {k: v.numpy() for k, v in model.eval().forward_intermediates(x).items()}

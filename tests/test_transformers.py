@@ -86,7 +86,7 @@ def test_parity_against_transformers_float64(name):
     assert r.point("eval", "logits").rel < 1e-10
 
 
-@pytest.mark.parametrize("name", ["resnet-18", "resnet-50"])
+@pytest.mark.parametrize("name", ["resnet-18"])  # resnet-50: float64 above; its fp32 numbers are torch_ref's (tests/test_parity.py)
 def test_parity_against_transformers_float32(name):
     m = TransformersResNet(hf_model(name))
     x = fixtures.images(2, 3, 64, 64).numpy()
