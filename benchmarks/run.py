@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", nargs="+", type=int, help="eval batch sizes (default 1 32)")
     p.add_argument("--train-batches", nargs="+", type=int, help="train batch sizes (default 32; quick: 32)")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], help="default fp32 bf16")
+    p.add_argument("--torch-dtypes", nargs="+", choices=["fp32", "bf16"],
+                   help="dtypes of the torch rows (default: --dtypes; torch bf16 on a CPU without AVX512-BF16 is emulated, minutes per row)")
     p.add_argument("--sections", nargs="+", choices=["eval", "train", "compile", "construct", "nnx"], default=["eval", "train", "compile", "construct", "nnx"])
     p.add_argument("--nnx-archs", nargs="+", default=["resnet50"], help="architectures of the nnx section (default resnet50)")
     p.add_argument("--repeats", type=int, help="eval rounds per measurement (median; default 5, quick 3; batch 1: at least 10)")
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
     args.batches = args.batches or [1, 32]
     args.train_batches = args.train_batches or [32]
     args.dtypes = args.dtypes or ["fp32", "bf16"]
+    args.torch_dtypes = args.torch_dtypes or args.dtypes
     args.repeats = args.repeats or (3 if q else 5)
     if args.budget is None:
         args.budget = 6.0

@@ -88,8 +88,12 @@ DEPTH_CASES = [(a, lay, d) for a, lays in (("resnet50", ("torchvision", "seed"))
 @pytest.mark.parametrize("arch,layout,dtype", DEPTH_CASES)
 def test_depths_eval_train_grad(arch, layout, dtype):
     model = ref(arch, layout)
-    # SGD steps reuse the gradient's compiled executable; ResNet-50 runs them.
-    modes = ("eval", "train", "grad") + (("steps",) if arch == "resnet50" else ())
+    # fp32 gradients are judged at ResNet-50 and the scanned ResNet-101 (their kinks followed); at
+    # ResNet-152 fp32 runs eval and train mode, its gradients' structure is proven in float64.
+    # SGD steps reuse the gradient's compiled executable: ResNet-50, fp32 in the seed layout (conv
+    # biases in the update), float64 in torchvision's.
+    modes = ("eval", "train") + (("grad",) if (arch, dtype) != ("resnet152", "float32") else ())
+    modes += ("steps",) if arch == "resnet50" and (layout == "seed") == (dtype == "float32") else ()
     r = check(harness.run_parity(model, x_(4, 3, 64, 64), modes=modes, dtype=dtype, steps=3, scan_blocks=scan(arch)))
     assert r.scan_blocks == (arch != "resnet50")
     logits = r.point("eval", "logits")
@@ -100,7 +104,7 @@ def test_depths_eval_train_grad(arch, layout, dtype):
     assert (r.argmax.samples, r.argmax.mismatches, r.argmax.near_ties) == (4, 0, 0)
     assert {p.mode for p in r.points} == set(modes)
     assert any(p.name == "running_var layer4" for p in r.points)  # running stats were compared
-    assert (r.kinks is None) == (dtype == "float64")  # fp32 gradients are judged on Flax's side of each ReLU kink
+    assert (r.kinks is None) == (dtype == "float64" or "grad" not in modes)  # fp32 gradients are judged on Flax's side of each ReLU kink
     if "steps" in modes:
         assert {p.name for p in r.points if p.mode == "steps"} >= {"param layer3", "running_var layer4", "param fc"}
 
