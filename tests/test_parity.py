@@ -23,7 +23,7 @@ OTHER_ARCHS = [a for a in ARCHS if a not in DEPTHS and ARCHS[a].source == "torch
 def scan(arch: str) -> bool:
     """100+ layers: the Flax side of the eval/train/grad tests runs ``ResNet(scan_blocks=True)``.
 
-    It compiles ~3x faster (what keeps CI within its 20 minutes), runs the same
+    It compiles ~3x faster (what keeps CI within its 30 minutes), runs the same
     block code as the unrolled model (tests/test_scan.py: equal to 1e-11 in
     float64), and the unrolled model is still checked against torch at every
     depth in eval (the batch-1 odd-size tests below, tests/test_checkpoint.py)
