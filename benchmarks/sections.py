@@ -20,9 +20,10 @@ def _speed_rows(r: Runner, args, section: str, batches: list[int]) -> list[list[
                 base = dict(arch=arch, dtype=dtype, batch=batch, repeats=rep, budget_s=budget)
                 other = "fast" if section == "eval" else "plain"
                 fl = r.run(section, row, "flax", dict(base, kind=f"flax_{section}", variants=["jit", other], chunk=args.chunk, xla_opts=args.xla_opts))
-                to = r.run(section, row, "torch", dict(base, kind=f"torch_{section}", variants=["nchw", "cl"])) if dtype in args.torch_dtypes else {}
+                torch_on = dtype in args.torch_dtypes
+                to = r.run(section, row, "torch", dict(base, kind=f"torch_{section}", variants=["nchw", "cl"])) if torch_on else {}
                 tc = None
-                if dtype in args.torch_dtypes and arch in args.compile_archs and batch > 1 and (section == "eval" or (args.train_compile and dtype == "fp32")):
+                if torch_on and arch in args.compile_archs and batch > 1 and (section == "eval" or (args.train_compile and dtype == "fp32")):
                     tc = r.run(section, row, "torch_compile", dict(base, kind=f"torch_{section}", variants=["compile"]), timeout=1800)
                 speed = lambda res, k: (_variant(res, k) or {}).get("img_s")
                 f, fa = speed(fl, "jit"), speed(fl, other)
