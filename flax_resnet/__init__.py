@@ -22,6 +22,8 @@ _LAZY = {
     "read_state_dict": "flax_resnet.io",
     "save": "flax_resnet.io",
     "from_pretrained": "flax_resnet.hub",
+    "build": "flax_resnet.builder",
+    "model_config": "flax_resnet.builder",
     "ConversionError": "flax_resnet.convert",
     "check_variables": "flax_resnet.convert",
     "flax_to_torch": "flax_resnet.convert",

@@ -53,7 +53,8 @@ class ModelConfig:
     """Everything that fixes a ResNet's numbers and its torch key layout.
 
     Attributes:
-        arch: a row of ``flax_resnet.ARCHS`` (``"resnet50"``, ``"resnet50d"``).
+        arch: a row of ``flax_resnet.ARCHS`` (``"resnet50"``, ``"resnet50d"``),
+            stored by name, or a custom ``ArchSpec`` (e.g. a tiny test net).
         layout: torch state_dict key layout: ``"torchvision"``, ``"seed"``
             (convs with bias, ``identity_downsample``) or ``"transformers"``.
         num_classes: outputs of ``fc``; 0 is a headless backbone.
@@ -78,7 +79,7 @@ class ModelConfig:
         ValueError: one line naming the field, for any invalid value.
     """
 
-    arch: str
+    arch: str | ArchSpec
     layout: str = "torchvision"
     num_classes: int = 1000
     in_channels: int = 3
@@ -95,12 +96,10 @@ class ModelConfig:
 
     def __post_init__(self):
         arch = self.arch
-        if isinstance(arch, ArchSpec):
-            if ARCHS.get(arch.name) != arch:
-                raise ValueError(f"ModelConfig.arch: {arch.name!r} is not a row of flax_resnet.ARCHS; a config names a row")
-            arch = arch.name
-        if not isinstance(arch, str) or arch not in ARCHS:
-            raise ValueError(f"ModelConfig.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        if isinstance(arch, ArchSpec) and ARCHS.get(arch.name) == arch:
+            arch = arch.name  # a row is stored by name
+        if not isinstance(arch, ArchSpec) and (not isinstance(arch, str) or arch not in ARCHS):
+            raise ValueError(f"ModelConfig.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)} (or pass an ArchSpec)")
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalize in place)
         set_("arch", arch)
         try:
@@ -131,8 +130,8 @@ class ModelConfig:
 
     @property
     def spec(self) -> ArchSpec:
-        """The architecture row."""
-        return ARCHS[self.arch]
+        """The architecture: its row of ``ARCHS`` or the custom ``ArchSpec``."""
+        return get_arch(self.arch)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with ``changes`` (validated); a new ``layout`` re-derives ``conv_bias`` unless it is given."""
@@ -142,7 +141,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-safe dict (str, int, float, bool, None values)."""
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)  # a custom ArchSpec becomes a dict of its fields
+        if isinstance(out["arch"], dict):
+            out["arch"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["arch"].items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
@@ -158,7 +160,13 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if "arch" not in data:
             raise ValueError("ModelConfig.arch: missing (the architecture row is required)")
-        for key in ("dtype", "param_dtype", "precision", "layout", "arch"):
+        data = dict(data)
+        if isinstance(data["arch"], Mapping):  # a custom ArchSpec, as to_dict writes it
+            try:
+                data["arch"] = ArchSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["arch"].items()})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"ModelConfig.arch: not an ArchSpec: {e}") from None
+        for key in ("dtype", "param_dtype", "precision", "layout"):
             if key in data and data[key] is not None and not isinstance(data[key], str):
                 raise ValueError(f"ModelConfig.{key}: expected a string, got {type(data[key]).__name__}")
         return cls(**data)
