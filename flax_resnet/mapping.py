@@ -16,6 +16,7 @@ import numpy as np
 
 from flax_resnet import archs
 from flax_resnet.archs import ArchSpec, check_layout, get_arch
+from flax_resnet.config import ModelConfig
 
 # ---------------------------------------------------------------------------
 # The mapping
@@ -131,20 +132,6 @@ class Leaf:
     @property
     def flax_shape(self) -> tuple[int, ...]:
         return tuple(self.transform.to_flax(np.empty(self.torch_shape, np.bool_)).shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """What a state_dict says about its model."""
-
-    arch: str
-    layout: str
-    num_classes: int
-    in_channels: int
-
-    @property
-    def conv_bias(self) -> bool:
-        return self.layout == "seed"
 
 
 def modules(spec: ArchSpec, layout: str, num_classes: int, in_channels: int):

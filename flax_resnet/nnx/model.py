@@ -282,6 +282,11 @@ class ResNet(nnx.Module):
         remat: recompute each block's activations in the backward pass
             (``nnx.remat``).
         rngs: ``nnx.Rngs`` for the initializers (``params`` stream).
+        layout: the torch key layout the weights came from (see the Linen
+            ``ResNet.layout``).
+
+    ``flax_resnet.build(config, api="nnx")`` makes one from a
+    ``ModelConfig``; ``flax_resnet.model_config(model)`` gives it back.
     """
 
     def __init__(
@@ -302,6 +307,7 @@ class ResNet(nnx.Module):
         scan_blocks: bool = False,
         remat: bool = False,
         rngs: nnx.Rngs,
+        layout: str | None = None,
     ):
         spec = get_arch(arch)
         self.arch = spec.name
@@ -314,6 +320,11 @@ class ResNet(nnx.Module):
         self.param_dtype = param_dtype
         self.scan_blocks = scan_blocks
         self.remat = remat
+        self.zero_init_residual = zero_init_residual
+        self.precision = precision
+        self.bn_momentum = bn_momentum
+        self.bn_eps = bn_eps
+        self.layout = layout
         s = _Settings(conv_bias, dtype, param_dtype, precision, axis_name, bn_momentum, bn_eps)
         self.conv1 = _stem(spec, in_channels, s, rngs)
         self.bn1 = s.bn(spec.stem_channels)
