@@ -328,6 +328,7 @@ def run_parity(
     scan_blocks: bool = False,
     api: str = "linen",
     explain: bool = False,
+    config: Any = None,
 ) -> Report:
     """Compares a ``torch_ref.ResNet`` with its Flax conversion.
 
@@ -349,6 +350,11 @@ def run_parity(
         api: ``"linen"`` (``flax_resnet.ResNet``) or ``"nnx"``
             (``flax_resnet.nnx.ResNet``, converted by ``flax_resnet.nnx.from_torch``):
             the same points and rules.
+        config: the ``flax_resnet.ModelConfig`` both sides were built from
+            (``torch_ref.build``); the Flax side takes its settings that the
+            weights do not show (``stride_in_1x1``, BatchNorm momentum and
+            eps) from it. Without it, ``stride_in_1x1`` is the torch model's
+            attribute and BatchNorm has torch's defaults.
         explain: on a reduced-precision FAIL, rerun the failing modes in
             float64 and say whether the failure is structural
             (``Report.float64_check``, ``Report.explanation``).
@@ -374,11 +380,15 @@ def run_parity(
     labels = np.asarray(labels, np.int64)
     x64 = np.asarray(x, np.float64)
     kinks = None
-    v1 = bool(getattr(torch_model, "stride_in_1x1", False))  # not visible in the weights
+    # Settings the weights do not show.
+    if config is not None:
+        settings = dict(stride_in_1x1=config.stride_in_1x1, bn_momentum=config.bn_momentum, bn_eps=config.bn_eps)
+    else:
+        settings = dict(stride_in_1x1=bool(getattr(torch_model, "stride_in_1x1", False)))
 
     def flax64(run_modes):
         with jax.enable_x64(True):
-            model, variables = _flax_from_torch(api, copy.deepcopy(torch_model).double().state_dict(), stride_in_1x1=v1, scan_blocks=scan_blocks)
+            model, variables = _flax_from_torch(api, copy.deepcopy(torch_model).double().state_dict(), scan_blocks=scan_blocks, **settings)
             out = _flax_side(model, variables, x64, labels, cfg.layout, run_modes, steps)
         out.pop("relu_masks", None)
         return out
@@ -399,7 +409,7 @@ def run_parity(
                 res = _torch_side(copy.deepcopy(torch_model).float(), x64 if noisy else x32, labels, modes, steps, **run)
                 for mode in modes:
                     own[mode].append(_errors(mode, dtype, ref[mode], res.pop(mode), init))
-            model, variables = _flax_from_torch(api, sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None, stride_in_1x1=v1, scan_blocks=scan_blocks)
+            model, variables = _flax_from_torch(api, sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None, scan_blocks=scan_blocks, **settings)
             flax = _flax_side(model, variables, x64.astype(np.float32), labels, cfg.layout, modes, steps)
             if "relu_masks" in flax:  # the gradient reference on Flax's side of every kink (``_kinks_like``)
                 matched = _torch_side(copy.deepcopy(torch_model).double(), x64, labels, ("grad",), steps, relu_masks=flax.pop("relu_masks"))
