@@ -447,8 +447,10 @@ def _module_of(key: str) -> str:
 def _float64_check(failing: Sequence[Point], ref: dict, flax: dict, init: dict) -> dict[str, Any]:
     """The failing points again, in float64: ``{"max_rel", "at", "structural", "points"}``.
 
-    ``at`` is the module (or point) with the largest float64 error relative
-    to its tolerance; ``structural`` says whether any exceeds ``FP64_TOL``.
+    ``structural``: some point exceeds ``FP64_TOL`` in float64 too; ``at`` is
+    then the first such point in network order (its worst module) and
+    ``max_rel`` its float64 error; otherwise ``max_rel`` is the largest
+    float64 error of the failing points (how well float64 agrees).
     """
     rows = []
     for p in failing:
@@ -456,5 +458,6 @@ def _float64_check(failing: Sequence[Point], ref: dict, flax: dict, init: dict) 
         (q,) = [q for q in _points(p.mode, ref[p.mode], errors, None, lambda mode, _: FP64_TOL[mode], init) if q.name == p.name]
         where = _module_of(q.worst) if q.worst else q.name
         rows.append({"mode": p.mode, "point": p.name, "rel": q.rel, "tol": q.tol, "at": where})
-    worst = max(rows, key=lambda r: r["rel"] / r["tol"])
-    return {"max_rel": worst["rel"], "at": f"{worst['mode']} {worst['at']}", "structural": any(r["rel"] > r["tol"] for r in rows), "points": rows}
+    structural = [r for r in rows if not r["rel"] <= r["tol"]]  # NaN is structural
+    first = structural[0] if structural else max(rows, key=lambda r: r["rel"] / r["tol"])
+    return {"max_rel": first["rel"], "at": f"{first['mode']} {first['at']}", "structural": bool(structural), "points": rows}
