@@ -190,3 +190,19 @@ def test_an_fp32_fail_reruns_in_float64_and_says_which_it_is(monkeypatch):
     r = harness.run_parity(fixtures.reference_model("resnet18"), fixtures.images(2, 3, 32, 32).numpy(), modes=("eval",), explain=True)
     assert not r.passed and not r.float64_check["structural"]
     assert r.explanation.startswith("float64 agrees to") and "an fp32 sensitivity, not a structural difference" in r.explanation
+
+
+def test_gpu_check_covers_every_row_kind():
+    """parity/gpu_check.sh (run by hand on a GPU) names rows of every kind, and is valid bash."""
+    import re
+
+    from flax_resnet.archs import ARCHS
+
+    script = (ROOT / "parity" / "gpu_check.sh").read_text()
+    rows = re.search(r'^KINDS="([^"]+)"', script, re.M).group(1).split()
+    specs = [ARCHS[a] for a in rows]  # every name is a row
+    kinds = lambda s: {s.block, s.stem, s.shortcut, "grouped" if s.groups > 1 else "wide" if s.width_per_group > 64 else "plain"}  # noqa: E731
+    assert set().union(*map(kinds, specs)) == set().union(*map(kinds, ARCHS.values()))
+    assert any(s.has_seed_layout for s in specs) and any(sum(s.stage_sizes) > 40 for s in specs)
+    assert "--api \"$api\"" in script and "--mode all" in script and "|| true" not in script
+    assert subprocess.run(["bash", "-n", str(ROOT / "parity" / "gpu_check.sh")]).returncode == 0
