@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", default="linen", choices=["linen", "nnx"], help="the Flax side: the Linen model or the NNX one, flax_resnet.nnx (default linen)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the random model (default 1000)")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "gpu"],
+        help="where both frameworks run: auto (each one's default: a GPU where it sees one), cpu, or gpu (an error unless torch and JAX both see one); default auto",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -68,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
         raise _usage("the parity check needs PyTorch: pip install 'flax-resnet[torch]'") from None
 
     from parity import fixtures, harness
+    from parity.torch_side import check_device, on_device
+
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise _usage(str(e)) from None
 
     if args.weights:
         config, model = _load_reference(args.weights, args.layout)
@@ -81,10 +91,11 @@ def run(args: argparse.Namespace) -> int:
         model = fixtures.calibrated(config, seed=args.seed)
     x = fixtures.images(args.batch, config.in_channels, args.size[0], args.size[1], seed=args.seed + 1).numpy()
     modes = harness.MODES if args.mode == "all" else (args.mode,)
-    report = harness.run_parity(
-        model, x, modes=modes, dtype=args.dtype, precision=args.precision, steps=args.steps, scan_blocks=args.scan_blocks, api=args.api,
-        explain=True, config=config,
-    )  # fmt: skip
+    with on_device(args.device):
+        report = harness.run_parity(
+            model, x, modes=modes, dtype=args.dtype, precision=args.precision, steps=args.steps, scan_blocks=args.scan_blocks, api=args.api,
+            explain=True, config=config,
+        )  # fmt: skip
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

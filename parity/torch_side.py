@@ -42,15 +42,47 @@ def pinned_precision(precision: str) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+DEVICES = ("auto", "cpu", "gpu")
+_forced: list[str] = []  # on_device's choice while it is active
+
+
 def torch_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and "cpu" not in _forced else "cpu")
+
+
+def check_device(choice: str) -> None:
+    """Raises ``ValueError`` (one line) for an unknown choice, or ``"gpu"`` where torch or JAX sees no GPU."""
+    if choice not in DEVICES:
+        raise ValueError(f"unknown device {choice!r}; choose one of {', '.join(DEVICES)}")
+    if choice == "gpu" and not (torch.cuda.is_available() and jax.default_backend() == "gpu"):
+        seen = f"torch sees {'a' if torch.cuda.is_available() else 'no'} CUDA GPU, JAX's backend is {jax.default_backend()}"
+        raise ValueError(f"--device gpu needs a GPU in both frameworks ({seen}): install jax[cuda12] and a CUDA torch, or use --device cpu")
+
+
+@contextlib.contextmanager
+def on_device(choice: str = "auto") -> Iterator[None]:
+    """Where both frameworks run: ``"auto"`` (each one's default: the GPU if it sees one), ``"cpu"`` or ``"gpu"`` (both).
+
+    Raises:
+        ValueError: an unknown choice, or ``"gpu"`` where torch or JAX sees no GPU.
+    """
+    check_device(choice)
+    if choice != "cpu":
+        yield
+        return
+    _forced.append("cpu")
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            yield
+    finally:
+        _forced.pop()
 
 
 def describe_devices() -> str:
-    jd = jax.devices()[0]
+    jd = jax.devices("cpu")[0] if "cpu" in _forced else jax.devices()[0]
     td = torch_device()
     tname = torch.cuda.get_device_name(0) if td.type == "cuda" else platform.processor() or "cpu"
-    return f"jax {jax.default_backend()} ({jd.device_kind}) / torch {td.type} ({tname})"
+    return f"jax {jd.platform} ({jd.device_kind}) / torch {td.type} ({tname})"
 
 
 # ---------------------------------------------------------------------------

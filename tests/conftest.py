@@ -1,8 +1,10 @@
 import functools
 import os
+import re
 import sys
 
 import numpy as np
+import pytest
 
 # The parity tests compare against float64 torch runs; JAX's x64 mode is
 # switched on per computation (jax.enable_x64), never globally.
@@ -10,10 +12,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import re
-
-import pytest
 
 # No comparison treats NaN as equal: assert_allclose defaults to equal_nan=True, which lets a
 # NaN in Flax's output match a NaN in the reference (or in Flax's own second run).

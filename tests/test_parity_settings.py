@@ -82,6 +82,7 @@ def test_zero_init_residual_in_both_front_ends_and_torch(api):
     assert r.passed, r.format()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api", APIS)
 def test_conv_bias_seed_layout_with_batchnorm_settings(api):
     """Conv biases (seed layout) with momentum and eps off their defaults, in float64."""
@@ -91,7 +92,7 @@ def test_conv_bias_seed_layout_with_batchnorm_settings(api):
     assert r.layout == "seed"
 
 
-@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("api", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
 def test_compute_dtype_and_precision_off_default(model, api):
     """bfloat16 compute against torch autocast, and precision "highest" from the config, in both front ends."""
     r = harness.run_parity(model, x_(), modes=("eval",), dtype="bfloat16", api=api, config=SETTINGS)
