@@ -75,3 +75,25 @@ def pytest_collection_modifyitems(config, items):
     stale = [p for p in SLOW if p.split("::")[0] in collected and p not in used and not config.option.keyword]
     if stale and not config.option.deselect:
         raise pytest.UsageError(f"tests/conftest.py SLOW names no collected test: {stale}")
+
+
+# PARITY_MARGINS=FILE: every run_parity of a test appends its worst point (rel err / tolerance) to FILE,
+# the measured margins docs/parity.md records.
+if os.environ.get("PARITY_MARGINS"):
+    import json
+
+    from parity import harness
+
+    _run_parity = harness.run_parity
+
+    def _logged_run_parity(*args, **kwargs):
+        r = _run_parity(*args, **kwargs)
+        ratio = lambda p: p.rel / p.tol if p.tol else float("inf")  # noqa: E731
+        worst = max(r.points, key=ratio)
+        row = {"test": os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0], "arch": r.arch, "dtype": r.dtype, "api": r.api, "batch": r.batch}
+        row |= {"passed": r.passed, "worst": worst.label, "rel": worst.rel, "tol": worst.tol, "ratio": ratio(worst)}
+        with open(os.environ["PARITY_MARGINS"], "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return r
+
+    harness.run_parity = _logged_run_parity
