@@ -17,6 +17,8 @@ from flax import traverse_util
 
 from flax_resnet import archs
 from flax_resnet.archs import ARCHS, check_layout, get_arch
+from flax_resnet.config import ModelConfig, dtype_of, split_settings
+from flax_resnet.model import ResNet
 
 # Re-exported: the mapping, the validator and the stacked-tree helpers are part of this module's API.
 from flax_resnet.mapping import (  # noqa: F401
@@ -28,7 +30,6 @@ from flax_resnet.mapping import (  # noqa: F401
     RULES,
     TRANSFORMERS_BASE,
     Leaf,
-    ModelConfig,
     Transform,
     _materialize,
     _to_flax_copy,
@@ -226,7 +227,11 @@ def torch_to_flax(
     """
     _check_float_dtype(dtype)
     sd = normalize_state_dict(state_dict)
-    cfg = infer_config(sd, arch, layout)
+    return _convert(sd, infer_config(sd, arch, layout), dtype, scan_blocks)
+
+
+def _convert(sd: Mapping[str, np.ndarray], cfg: ModelConfig, dtype: Any, scan_blocks: bool) -> dict[str, dict]:
+    """``torch_to_flax`` of a normalized state_dict whose config is known."""
     check_state_dict(sd, cfg)
     mapping = leaves(cfg)
     values = _materialize([(lambda leaf=leaf: _to_flax_copy(leaf, sd[leaf.torch_key], dtype), sd[leaf.torch_key].nbytes) for leaf in mapping])
@@ -239,11 +244,25 @@ def torch_to_flax(
     return stack_blocks(variables) if scan_blocks else variables
 
 
-def _state_dict_variables(state_dict: Mapping[str, Any], arch: str | None, layout: str | None, dtype: Any, scan_blocks: bool):
-    """``(state_dict, config, variables)``: the normalized state_dict, its ``infer_config`` and ``torch_to_flax`` (each front end's ``from_torch``)."""
+def state_dict_variables(
+    state_dict: Mapping[str, Any], arch: str | None = None, layout: str | None = None, param_dtype: Any = None, scan_blocks: bool = False,
+    allow_nonfinite: bool = False, **settings: Any,
+) -> tuple[ModelConfig, dict]:
+    """``(config, variables)`` of a torch state_dict: what each front end's ``from_torch`` builds from.
+
+    The state_dict is normalized and its config inferred once; ``settings``
+    (``ModelConfig`` fields: ``dtype``, ``precision``, ``stride_in_1x1``, ...)
+    complete the config.
+    """
+    _check_float_dtype(param_dtype)
     sd = normalize_state_dict(state_dict)
     cfg = infer_config(sd, arch, layout)
-    return sd, cfg, torch_to_flax(sd, cfg.arch, cfg.layout, dtype=dtype, scan_blocks=scan_blocks)
+    variables = _convert(sd, cfg, param_dtype, scan_blocks)
+    if not allow_nonfinite:
+        check_finite({leaf.torch_key: sd[leaf.torch_key] for leaf in leaves(cfg)}, "Flax variables")
+    dtype = dtype_of(variables)
+    cfg = cfg.replace(**({"param_dtype": dtype} if dtype else {}), scan_blocks=scan_blocks, **settings)
+    return cfg, variables
 
 
 def from_torch(
@@ -266,26 +285,20 @@ def from_torch(
             stacked variables.
         allow_nonfinite: accept NaN/Inf weights (refused by default, as
             ``load`` and ``flax-resnet convert`` refuse them).
-        **model_kwargs: more ``ResNet`` attributes (``dtype``, ``precision``,
-            ``stride_in_1x1``, ``axis_name``, ``remat``, ...).
+        **model_kwargs: more ``ModelConfig`` fields (``dtype``, ``precision``,
+            ``stride_in_1x1``, ``remat``, ...) and ``axis_name``.
 
     Returns:
-        ``(model, variables)``; the variables own their memory.
+        ``(model, variables)``; the variables own their memory and
+        ``flax_resnet.model_config(model)`` is the inferred config.
 
     Raises:
         ConversionError: the state_dict does not fit (every problem at once),
             holds NaN/Inf, or ``param_dtype`` is not floating.
     """
-    from flax_resnet.model import ResNet
-
-    _check_float_dtype(param_dtype)
-    sd, cfg, variables = _state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks)
-    if not allow_nonfinite:
-        check_finite({leaf.torch_key: sd[leaf.torch_key] for leaf in leaves(cfg)}, "Flax variables")
-    kwargs = dict(param_dtype=param_dtype) if param_dtype is not None else {}
-    kwargs.update(model_kwargs)
-    model = ResNet(arch=cfg.arch, num_classes=cfg.num_classes, conv_bias=cfg.conv_bias, scan_blocks=scan_blocks, **kwargs)
-    return model, variables
+    settings, runtime = split_settings(model_kwargs)
+    cfg, variables = state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks, allow_nonfinite, **settings)
+    return ResNet.from_config(cfg, **runtime), variables
 
 
 # ---------------------------------------------------------------------------
