@@ -24,6 +24,7 @@ from flax_resnet.model import ResNet
 from flax_resnet.mapping import (  # noqa: F401
     CONV_KERNEL,
     DENSE_KERNEL,
+    FLAX_TO_TORCH_LEAF,
     IDENTITY,
     IGNORED_BN_LEAVES,
     PREFIXES,
@@ -35,7 +36,6 @@ from flax_resnet.mapping import (  # noqa: F401
     _to_flax_copy,
     _to_torch_copy,
     bn_prefixes,
-    conv_bn_pairs,
     leaves,
     modules,
 )
@@ -43,10 +43,10 @@ from flax_resnet.stacking import SCAN_NAME, is_stacked, stack_blocks, unstack_bl
 from flax_resnet.validate import (  # noqa: F401
     ConversionError,
     _check_float_dtype,
-    _is_float,
     check_finite,
     check_state_dict,
     check_variables,
+    is_float,
     nonfinite,
 )
 
@@ -75,7 +75,7 @@ def _to_numpy(key: str, value: Any) -> np.ndarray:
     if isinstance(value, (str, bytes, Mapping)) or value is None:
         raise ConversionError("a ResNet", other=[f"{key} is a {type(value).__name__}, not a tensor"])
     a = np.asarray(value)
-    if not (np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.bool_) or _is_float(a.dtype)):
+    if not (np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.bool_) or is_float(a.dtype)):
         raise ConversionError("a ResNet", other=[f"{key} has dtype {a.dtype}, not a numeric tensor"])
     return a
 
@@ -305,9 +305,6 @@ def from_torch(
 # Flax -> torch
 
 
-_FLAX_TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-
-
 def infer_flax_config(variables: Mapping[str, Any], layout: str = "torchvision") -> tuple[ModelConfig, bool]:
     """``(config, has_conv_bias)`` of Flax ResNet variables (unrolled or stacked), from their tree.
 
@@ -321,10 +318,10 @@ def infer_flax_config(variables: Mapping[str, Any], layout: str = "torchvision")
         raise ConversionError("torch", other=["not Flax ResNet variables (need params/conv1 and params/layer1)"])
     as_torch = {}
     for path, v in _flat(params).items():
-        shape = tuple(np.shape(v))
+        a = np.empty(np.shape(v), np.bool_)
         if path[-1] == "kernel":
-            shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-        as_torch[".".join((*path[:-1], _FLAX_TO_TORCH_LEAF.get(path[-1], path[-1])))] = np.empty(shape, np.bool_)
+            a = (CONV_KERNEL if a.ndim == 4 else DENSE_KERNEL).to_torch(a)
+        as_torch[".".join((*path[:-1], FLAX_TO_TORCH_LEAF.get(path[-1], path[-1])))] = a
     cfg = infer_config(as_torch, layout="torchvision")
     stem = params["conv1"]
     has_bias = isinstance(stem, Mapping) and "bias" in stem
@@ -384,9 +381,9 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
                 out[f"{leaf.torch_key.rsplit('.', 1)[0]}.{name}"] = np.array(num_batches_tracked, dtype=np.int64)
     if has_bias and layout != "seed":
         target = {(leaf.collection, *leaf.flax_path): leaf.torch_key for leaf in leaves(cfg)}
-        for conv, bn in conv_bn_pairs(get_arch(cfg.arch)):
-            key = target[("batch_stats", *bn, "mean")]
-            out[key] = out[key] - np.asarray(flat[("params", *conv, "bias")])
+        for conv, bn in archs.conv_bn_pairs(get_arch(cfg.arch)):
+            key = target[("batch_stats", *bn.flax, "mean")]
+            out[key] = out[key] - np.asarray(flat[("params", *conv.flax, "bias")])
     return out
 
 
