@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 import flax_resnet
 import flax_resnet.nnx as frn
+import torch_ref
 from flax_resnet import ModelConfig, hub
 from parity import fixtures
 
@@ -101,12 +102,7 @@ def _grouped(tmp):
     return dict(state_dict=model.state_dict(), path=path, name=name, torch=model, config=expected, hidden={})
 
 
-SOURCES = {
-    "transformers_v1": _transformers_v1,
-    "seed_1ch": _seed_1ch,
-    "timm_headless": _timm_headless,
-    "grouped": pytest.param(_grouped, marks=pytest.mark.slow),
-}
+SOURCES = {"transformers_v1": _transformers_v1, "seed_1ch": _seed_1ch, "timm_headless": _timm_headless, "grouped": _grouped}
 
 
 def _linen(way):
@@ -119,14 +115,18 @@ def _nnx(model):
     return lambda x: model(jnp.asarray(x)), flax_resnet.model_config(model)
 
 
-def _convert(src, dst):
+def _convert_cli(src, dst):
     p = subprocess.run([sys.executable, "-m", "flax_resnet", "convert", str(src), str(dst)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr
     return dst
 
 
-@pytest.mark.parametrize("source", SOURCES.values(), ids=SOURCES.keys())
-def test_every_way_in_gives_one_config_and_the_same_logits(source, tmp_path, monkeypatch):
+def _convert_here(src, dst):
+    flax_resnet.io.convert(src, dst)  # what the command runs, without a new interpreter
+    return dst
+
+
+def _walk(source, tmp_path, monkeypatch, convert):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -136,7 +136,7 @@ def test_every_way_in_gives_one_config_and_the_same_logits(source, tmp_path, mon
     with torch.no_grad():
         want = src["torch"](x).numpy()
     x = x.numpy().transpose(0, 2, 3, 1)
-    converted = _convert(src["path"], tmp_path / "converted.msgpack")
+    converted = convert(src["path"], tmp_path / "converted.msgpack")
 
     ways = {
         "from_torch": _linen(flax_resnet.from_torch(src["state_dict"], **src["hidden"])),
@@ -164,15 +164,31 @@ def test_every_way_in_gives_one_config_and_the_same_logits(source, tmp_path, mon
         assert np.abs(np.asarray(run(x)) - want).max() > 1e-2 * scale
 
 
-def test_grouped_convs_fast(tmp_path):
-    """The grouped row through the fast ways (the full walk is the slow ``grouped`` case above)."""
-    src = _grouped(tmp_path)
-    x = fixtures.images(1, 3, SIZE, SIZE)
+@pytest.mark.slow
+@pytest.mark.parametrize("source", SOURCES.values(), ids=SOURCES.keys())
+def test_every_way_in_gives_one_config_and_the_same_logits(source, tmp_path, monkeypatch):
+    _walk(source, tmp_path, monkeypatch, _convert_cli)
+
+
+def test_every_way_in_fast(tmp_path, monkeypatch):
+    """The smallest source (timm's resnet10t, headless) through every way in; ``convert`` in-process."""
+    _walk(_timm_headless, tmp_path, monkeypatch, _convert_here)
+
+
+def test_grouped_convs_fast():
+    """Grouped 3x3 convs at tiny size (a custom ``ArchSpec``: only ``from_torch`` reads those) build one config, Linen and NNX."""
+    spec = flax_resnet.ArchSpec("tiny_resnext", "bottleneck", (1, 1, 1, 1), groups=8, width_per_group=4)
+    torch.manual_seed(0)
+    model = fixtures.randomize_and_calibrate(torch_ref.ResNet(spec, num_classes=4), in_channels=3, size=SIZE)
+    x = fixtures.images(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        want = src["torch"](x).numpy()
+        want = model(x).numpy()
     x = x.numpy().transpose(0, 2, 3, 1)
-    ways = {"from_torch": _linen(flax_resnet.from_torch(src["state_dict"])), "load(api=nnx)": _nnx(flax_resnet.load(src["path"], api="nnx"))}
-    assert {name: c for name, (_, c) in ways.items()} == {name: src["config"] for name in ways}
+    sd = model.state_dict()
+    ways = {"from_torch": _linen(flax_resnet.from_torch(sd, arch=spec)), "nnx.from_torch": _nnx(frn.from_torch(sd, arch=spec))}
+    expected = ModelConfig(spec, num_classes=4)
+    assert {name: c for name, (_, c) in ways.items()} == {name: expected for name in ways}
+    assert ModelConfig.from_dict(json.loads(json.dumps(expected.to_dict()))) == expected  # a custom ArchSpec serializes too
     scale = float(np.abs(want).max())
     for name, (run, _) in ways.items():
         np.testing.assert_allclose(np.asarray(run(x)), want, rtol=0, atol=2e-5 * scale, err_msg=name)
