@@ -21,6 +21,8 @@ _LAZY = {
     "read_state_dict": "flax_resnet.io",
     "save": "flax_resnet.io",
     "from_pretrained": "flax_resnet.hub",
+    "list_models": "flax_resnet.catalog",
+    "list_pretrained": "flax_resnet.catalog",
     "ConversionError": "flax_resnet.convert",
     "ModelConfig": "flax_resnet.convert",
     "check_variables": "flax_resnet.convert",
