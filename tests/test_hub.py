@@ -80,17 +80,17 @@ def test_torch_hub_dir_follows_torch(monkeypatch, tmp_path):
 def test_torchvision_names_hit_the_torch_hub_cache(caches):
     d = hub.torch_hub_dir()
     d.mkdir(parents=True)
-    torch.save(_state_dict(), d / "resnet18-f37072fd.pth")
+    torch.save(_state_dict(), d / "resnet18-f37072fd.pth")  # random weights under torchvision's name: check_hash=False
     expected = flax_resnet.load(d / "resnet18-f37072fd.pth")
     for name in ("ResNet18_Weights.IMAGENET1K_V1", "ResNet18_Weights.DEFAULT", "resnet18", "resnet18.tv_in1k", "resnet18-f37072fd.pth"):
-        info = hub.resolve(name, download=False)
+        info = hub.resolve(name, download=False, check_hash=False)
         assert info.source == "torchvision" and info.path == d / "resnet18-f37072fd.pth"
         assert (info.preprocess.resize, info.preprocess.crop, info.preprocess.interpolation) == (256, 224, "bilinear")
         assert info.labels == hub.imagenet_labels()
-    _assert_same(flax_resnet.from_pretrained("ResNet18_Weights.IMAGENET1K_V1", download=False), expected)
-    model, variables = flax_resnet.from_pretrained("resnet18", download=False, dtype=jax.numpy.bfloat16)
+    _assert_same(flax_resnet.from_pretrained("ResNet18_Weights.IMAGENET1K_V1", download=False, check_hash=False), expected)
+    model, variables = flax_resnet.from_pretrained("resnet18", download=False, check_hash=False, dtype=jax.numpy.bfloat16)
     assert model.dtype == jax.numpy.bfloat16
-    nnx_model = flax_resnet.from_pretrained("resnet18.tv_in1k", api="nnx", download=False)
+    nnx_model = flax_resnet.from_pretrained("resnet18.tv_in1k", api="nnx", download=False, check_hash=False)
     from flax_resnet import nnx as fnnx
 
     _assert_same((nnx_model.arch, fnnx.to_linen(nnx_model)), (expected[0].arch, expected[1]))
