@@ -1,0 +1,67 @@
+"""Every script in examples/ runs, at a tiny size, as a user runs it: a subprocess in a fresh directory, twice.
+
+A script says how the test runs it in one comment line::
+
+    # example-test: [slow] ARGS...
+
+``ARGS`` are its command-line arguments at a tiny size (image size, images,
+epochs); ``slow`` marks it for the slow tier. A script without the line runs
+with no arguments. The second run, in the same directory, must work too (a
+rerun over the first run's files: checkpoints, downloads, stand-in weights).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "examples").glob("*.py"))
+DIRECTIVE = re.compile(r"^# example-test:(?P<args>.*)$", re.M)
+# What the first and the second run of a script must print (scripts not listed: anything, but something).
+EXPECT = {
+    "finetune_loop": ("epoch 1: train loss", "all 1 epochs are done"),
+    "extract_features": ("pre_logits (4, 512)", "logistic regression on the features: test accuracy"),
+    "parity_checkpoint": ("verdict: PASS", "verdict: PASS"),
+}
+
+
+def _how(script: Path) -> tuple[list[str], bool]:
+    """(arguments, slow) from the script's ``# example-test:`` line."""
+    m = DIRECTIVE.search(script.read_text(encoding="utf-8"))
+    args = shlex.split(m.group("args")) if m else []
+    slow = bool(args) and args[0] == "slow"
+    return args[slow:], slow
+
+
+def _param(script: Path):
+    args, slow = _how(script)
+    return pytest.param(script, args, id=script.stem, marks=[pytest.mark.slow] if slow else [])
+
+
+def test_there_are_examples():
+    names = {s.stem for s in SCRIPTS}
+    assert {"finetune_loop", "extract_features", "parity_checkpoint"} <= names, names
+
+
+@pytest.mark.parametrize("script,args", [_param(s) for s in SCRIPTS])
+def test_example_runs_as_written(script, args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1",
+           "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_CACHE": str(tmp_path / "hf")}
+    outputs = []
+    for run in (1, 2):
+        r = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"{script.name} {' '.join(args)} (run {run}) exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        assert "Traceback" not in r.stderr and "Waiting for previous save" not in r.stderr, r.stderr[-3000:]
+        outputs.append(r.stdout)
+    assert outputs[0].strip(), f"{script.name} printed nothing"
+    assert outputs[1].strip(), f"{script.name} printed nothing when rerun"
+    first, second = EXPECT.get(script.stem, ("", ""))
+    assert first in outputs[0], outputs[0][-3000:]
+    assert second in outputs[1], outputs[1][-3000:]
