@@ -9,10 +9,15 @@ fp32 error as the yardstick. Exit status 0 = PASS.
     python examples/parity_checkpoint.py my_model.pth
     python examples/parity_checkpoint.py                   # writes and checks a stand-in resnet18.pth
 
-Expected output (the table is abridged; numbers vary with the machine):
+Expected output (abridged; the errors vary with the machine):
 
     checkpoint resnet18.pth: resnet18, torchvision layout, 1000 classes
-    ... point  |flax - torch| ...  PASS
+    flax-resnet parity: resnet18 (torchvision layout), batch 2, 224x224, float32, precision highest, cpu
+    mode  point       max abs err  rel err    tolerance  torch own  status
+    eval  stem        ...
+    eval  logits      8.894e-07    6.914e-07  1.91e-06   9.55e-07   pass
+    argmax: 2/2 samples agree with torch float64
+    PASS: all 15 points within tolerance, argmax agrees
     verdict: PASS
 """
 

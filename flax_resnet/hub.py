@@ -22,6 +22,11 @@ standard caches, downloading only when it is not there yet, and loads it with
 * a local path: any file ``flax_resnet.load`` reads, or a Hugging Face model
   directory (``config.json`` next to ``model.safetensors``).
 
+Cached torchvision files are checked against the SHA-256 prefix in their
+names (``check_hash=False`` skips it); without a network a hub id fails at
+once, in one line; ``flax_resnet.catalog`` lists the names
+(``list_models``, ``list_pretrained``) and suggests the nearest for a typo.
+
 ``resolve(name)`` returns where the weights are and what goes with them: the
 class labels where the source has them (``id2label`` / ``label_names`` of a
 ``config.json``, ImageNet's for torchvision's weights) and the evaluation
@@ -43,7 +48,16 @@ from typing import Any
 
 from flax_resnet import preprocess as pp
 from flax_resnet.archs import ARCHS
-from flax_resnet.catalog import HUB_IDS, TORCHVISION_URL, TORCHVISION_WEIGHTS, TorchvisionWeights, did_you_mean, known_names, list_models, list_pretrained  # noqa: F401
+from flax_resnet.catalog import (  # noqa: F401 - the names' table, also read as hub.TORCHVISION_WEIGHTS, hub.list_pretrained
+    HUB_IDS,
+    TORCHVISION_URL,
+    TORCHVISION_WEIGHTS,
+    TorchvisionWeights,
+    did_you_mean,
+    known_names,
+    list_models,
+    list_pretrained,
+)
 
 _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz", ".msgpack")
 
@@ -117,6 +131,12 @@ def imagenet_labels() -> tuple[str, ...] | None:
     return labels if len(labels) == 1000 else None
 
 
+def hash_prefix(file_name: str) -> str | None:
+    """The SHA-256 prefix torch hub's file names carry (``resnet50-11ad3fa6.pth`` -> ``11ad3fa6``), if any."""
+    m = re.search(r"-([a-f0-9]{6,})\.", file_name)
+    return m.group(1) if m else None
+
+
 def _download(url: str, dest: Path) -> None:
     """Downloads ``url`` to ``dest`` atomically; checks torch hub's SHA-256 prefix (``name-<hex>.pth``)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -127,9 +147,9 @@ def _download(url: str, dest: Path) -> None:
             while chunk := r.read(1 << 20):
                 digest.update(chunk)
                 f.write(chunk)
-        m = re.search(r"-([a-f0-9]+)\.", dest.name)
-        if m and not digest.hexdigest().startswith(m.group(1)):
-            raise ValueError(f"SHA-256 {digest.hexdigest()[:16]}... does not start with {m.group(1)}")
+        prefix = hash_prefix(dest.name)
+        if prefix and not digest.hexdigest().startswith(prefix):
+            raise ValueError(f"SHA-256 {digest.hexdigest()[:16]}... does not start with {prefix}")
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
@@ -157,13 +177,13 @@ def check_file_hash(path: Path, w: TorchvisionWeights) -> None:
     Raises:
         ValueError: the file is not torchvision's (a truncated download, or another file under its name).
     """
-    m = re.search(r"-([a-f0-9]+)\.", w.file)
-    if m is None:
+    prefix = hash_prefix(w.file)
+    if prefix is None:
         return
     got = _sha256(path)
-    if not got.startswith(m.group(1)):
+    if not got.startswith(prefix):
         raise ValueError(
-            f"{_tilde(path)}: SHA-256 {got[:12]}... does not start with {m.group(1)}, so it is not torchvision's {w.enum} "
+            f"{_tilde(path)}: SHA-256 {got[:12]}... does not start with {prefix}, so it is not torchvision's {w.enum} "
             f"(a partial download or another file under its name); delete it to download it again, "
             f"or pass check_hash=False to use it as it is"
         )

@@ -65,3 +65,27 @@ def test_example_runs_as_written(script, args, tmp_path):
     first, second = EXPECT.get(script.stem, ("", ""))
     assert first in outputs[0], outputs[0][-3000:]
     assert second in outputs[1], outputs[1][-3000:]
+
+
+def _workdirs(code: str) -> set[str]:
+    """Training directories a block writes: ``--workdir DIR``, ``Checkpointer("DIR/checkpoints")``, ``--workdir`` defaults."""
+    found = {m.group(1) for m in re.finditer(r"--workdir[ =]([^\s;|&]+)", code)}
+    found |= {m.group(1) for m in re.finditer(r"""Checkpointer\(\s*["']([^"']+?)(?:/checkpoints)?["']""", code)}
+    for m in re.finditer(r"flax-resnet train\b[^\n]*", code):
+        if "--workdir" not in m.group(0):
+            found.add("runs/ARCH-DATASET (the default)")
+    return found
+
+
+def test_no_two_documented_blocks_share_a_workdir():
+    # The issue: the Python loop and the CLI block both wrote runs/digits; run in order, the CLI "resumed" and trained nothing.
+    from test_readme import RUNNABLE, _prepare
+
+    owner: dict[str, str] = {}
+    for b in RUNNABLE:
+        where = f"{b['file']}:{b['line']}"
+        for d in _workdirs(_prepare(b)[0]):
+            assert d not in owner, f"{where} and {owner[d]} both write {d}"
+            owner[d] = where
+    assert len(owner) >= 3, owner  # the Python loop, the CLI run and the fine-tune at least
+    assert _workdirs('ckpt = training.Checkpointer("runs/digits/checkpoints")\nflax-resnet train --workdir runs/digits') == {"runs/digits"}

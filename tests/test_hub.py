@@ -176,7 +176,7 @@ def test_timm_hub_id_through_the_hf_cache(caches):
     _assert_same(flax_resnet.from_pretrained("timm/resnet18.a1_in1k", download=False), expected)
 
 
-def test_transformers_hub_id_through_the_hf_cache(caches):
+def test_transformers_hub_id_through_the_hf_cache(caches, monkeypatch):
     # A real transformers ResNet (ResNet-18 shapes, 10 classes) saved as save_pretrained / the hub cache hold it.
     import transformers
 
@@ -197,6 +197,8 @@ def test_transformers_hub_id_through_the_hf_cache(caches):
     _assert_same(got, flax_resnet.load(snap))
     # the snapshot directory itself is a name too
     assert hub.resolve(str(snap)).labels == info.labels
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the documented offline path: downloads allowed, the cache only
+    assert hub.resolve("microsoft/resnet-18").path == snap
 
 
 def test_hf_misses_are_one_line(caches, monkeypatch):
