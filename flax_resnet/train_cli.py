@@ -456,8 +456,9 @@ def run(args: argparse.Namespace) -> int:
         if dropped:
             _say(_dropped_note(len(ds.train_labels), args.batch_size, dropped))
         if start_epoch >= args.epochs:
+            done = f"all {args.epochs} epochs are" if start_epoch == args.epochs else f"{start_epoch} epochs (--epochs {args.epochs}) are"
             _say(
-                f"{args.workdir}: all {args.epochs} epochs are done, nothing to train; "
+                f"{args.workdir}: {done} done, nothing to train; "
                 f"pass a larger --epochs to continue the run, --no-resume to start over, or another --workdir"
             )
     t_run = time.perf_counter()
