@@ -22,7 +22,7 @@ and run again:
     runs/finetune-loop: all 3 epochs are done (test accuracy 0.98); pass a larger --epochs to train more
 """
 
-# example-test: slow --epochs 1 --size 16 --limit 64 --batch-size 32
+# example-test: slow rerun --epochs 1 --size 16 --limit 64 --batch-size 32
 
 from __future__ import annotations
 
