@@ -48,6 +48,7 @@ from typing import Any
 
 from flax_resnet import preprocess as pp
 from flax_resnet.archs import ARCHS
+from flax_resnet.builder import check_api
 from flax_resnet.catalog import (  # noqa: F401 - the names' table, also read as hub.TORCHVISION_WEIGHTS, hub.list_pretrained
     HUB_IDS,
     TORCHVISION_URL,
@@ -58,6 +59,8 @@ from flax_resnet.catalog import (  # noqa: F401 - the names' table, also read as
     list_models,
     list_pretrained,
 )
+from flax_resnet.io.common import one_line
+from flax_resnet.io.resolve import load
 
 _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz", ".msgpack")
 
@@ -115,11 +118,6 @@ def _tilde(p: Path) -> str:
     home = os.path.expanduser("~")
     s = str(p)
     return "~" + s[len(home) :] if home not in ("", "/") and s.startswith(home + os.sep) else s
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 def imagenet_labels() -> tuple[str, ...] | None:
@@ -198,7 +196,7 @@ def _torchvision(name: str, w: TorchvisionWeights, download: bool, check_hash: b
         try:
             _download(url, path)
         except Exception as e:  # URLError, timeouts, HTTP errors, a bad hash
-            raise FileNotFoundError(f"{where} and the download failed: {_one_line(e)}; fetch {url} into it") from None
+            raise FileNotFoundError(f"{where} and the download failed: {one_line(e)}; fetch {url} into it") from None
     elif check_hash:  # a download is checked as it arrives; a cached file here
         check_file_hash(path, w)
     labels = imagenet_labels()
@@ -222,7 +220,7 @@ def _hf_file(repo: str, filename: str, download: bool, revision: str | None) -> 
         if not download and isinstance(e, LocalEntryNotFoundError):
             return None
         cause = e.__cause__ or e.__context__ or e
-        raise FileNotFoundError(f"{repo} is not in the Hugging Face cache {_tilde(hf_cache_dir())} and the download failed: {_one_line(cause)}") from None
+        raise FileNotFoundError(f"{repo} is not in the Hugging Face cache {_tilde(hf_cache_dir())} and the download failed: {one_line(cause)}") from None
 
 
 @contextlib.contextmanager
@@ -259,7 +257,7 @@ def _check_reachable(repo: str, revision: str | None) -> None:
         return
     except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeout, offline mode: no answer from the hub
         raise FileNotFoundError(
-            f"{repo} is not in the Hugging Face cache {_tilde(hf_cache_dir())} and the hub cannot be reached ({_one_line(e, 120)}); "
+            f"{repo} is not in the Hugging Face cache {_tilde(hf_cache_dir())} and the hub cannot be reached ({one_line(e, 120)}); "
             f"put the snapshot there (huggingface-cli download {repo}) or pass a local model directory"
         ) from None
 
@@ -306,7 +304,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({_one_line(e, 120)})") from None
+        raise ValueError(f"{path}: unreadable JSON ({one_line(e, 120)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -418,33 +416,18 @@ def from_pretrained(
             ``param_dtype``, ``layout``, ``arch``, ...).
 
     Returns:
-        ``(model, variables)`` exactly as ``flax_resnet.load(resolve(name).path)``
-        for ``api="linen"``; for ``api="nnx"`` a ``flax_resnet.nnx.ResNet``
-        holding the same arrays (in train mode, like any new NNX or torch
-        model: call ``.eval()`` for inference). Labels and the preprocessing
-        are in ``resolve(name)``.
+        Exactly ``flax_resnet.load(path, api=api, **load_kwargs)`` of the path
+        (or model directory) ``resolve(name)`` finds: ``(model, variables)``
+        for ``api="linen"``, a ``flax_resnet.nnx.ResNet`` (in train mode:
+        call ``.eval()`` for inference) for ``api="nnx"``; the same config
+        either way. Labels and the preprocessing are in ``resolve(name)``.
 
     Raises:
         FileNotFoundError: not cached and not downloadable.
-        NotImplementedError: ``api="nnx"`` where ``flax_resnet.nnx`` is missing.
         ValueError: an unknown name or api; ``ConversionError`` (a
             ``ValueError``) for weights that are not a ResNet this package builds.
     """
-    if api not in ("linen", "nnx"):
-        raise ValueError(f"unknown api {api!r}; choose 'linen' or 'nnx'")
-    if api == "nnx":
-        try:
-            from flax_resnet import nnx as fnnx
-        except ModuleNotFoundError as e:
-            if e.name != "flax_resnet.nnx":
-                raise
-            raise NotImplementedError("api='nnx' needs flax_resnet.nnx, which this version does not have yet") from None
-    from flax_resnet.checkpoint import load
-
+    check_api(api)
     info = resolve(name, download=download, revision=revision, check_hash=check_hash)
     # A model directory is read whole: its config.json names v1 strides (transformers) or the architecture (timm).
-    model, variables = load(info.directory if info.directory is not None else info.path, **load_kwargs)
-    if api == "nnx":
-        kwargs = {name: getattr(model, name) for name in ("dtype", "precision") if getattr(model, name, None) is not None}
-        return fnnx.from_linen(model.arch, variables, **kwargs)
-    return model, variables
+    return load(info.directory if info.directory is not None else info.path, api=api, **load_kwargs)
