@@ -2,9 +2,11 @@
 
 Every loader (``load``, ``from_pretrained``, ``from_torch``, Linen and NNX)
 and every tool that makes a model for another (the parity harness, the
-train command, ``LinenApply``) goes through ``build``, so a setting that
-changes the numbers (v1 strides, conv bias, BN eps, precision, ...) reaches
-both front ends or neither.
+train command, ``LinenApply``) builds from a config: ``build`` or, below it,
+the one constructor path of each front end (``ResNet.from_config``, which
+modules under ``flax_resnet.nnx`` and ``flax_resnet.convert`` call because
+this module imports both front ends). A setting that changes the numbers
+(v1 strides, conv bias, BN eps, precision, ...) reaches both or neither.
 """
 
 from __future__ import annotations
@@ -12,10 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx as flax_nnx
 
 from flax_resnet.config import ModelConfig
 from flax_resnet.model import ResNet
@@ -34,24 +33,6 @@ def check_api(api: str) -> str:
     return api
 
 
-def jax_dtype(name: str | None) -> Any:
-    """A config's dtype name as a jnp dtype (``None`` stays ``None``)."""
-    return None if name is None else jnp.dtype(name)
-
-
-def jax_precision(name: str | None) -> jax.lax.Precision | None:
-    """A config's precision name as a ``jax.lax.Precision`` (``None`` stays ``None``)."""
-    return None if name is None else jax.lax.Precision[name.upper()]
-
-
-def model_kwargs(config: ModelConfig) -> dict[str, Any]:
-    """The keyword arguments both ``ResNet`` classes take for ``config`` (jax dtypes and precision)."""
-    kw = {name: getattr(config, name) for name in _FIELDS if name not in ("num_classes", "dtype", "param_dtype", "precision")}
-    kw["num_classes"] = config.num_classes
-    kw.update(dtype=jax_dtype(config.dtype), param_dtype=jax_dtype(config.param_dtype), precision=jax_precision(config.precision))
-    return kw
-
-
 def build(config: ModelConfig, api: str = "linen", **runtime: Any):
     """The model ``config`` describes.
 
@@ -67,18 +48,12 @@ def build(config: ModelConfig, api: str = "linen", **runtime: Any):
         ValueError: an unknown ``api``; a config field or unknown name in ``runtime``.
     """
     check_api(api)
-    if not isinstance(config, ModelConfig):
-        raise TypeError(f"build expects a flax_resnet.ModelConfig, got {type(config).__name__}")
     for name in runtime:
         if name in _FIELDS:
             raise ValueError(f"{name!r} is a ModelConfig field: pass config.replace({name}=...) instead")
         if name not in RUNTIME[api]:
             raise ValueError(f"unknown runtime argument {name!r} for api={api!r}; choose from {', '.join(RUNTIME[api])}")
-    kw = model_kwargs(config)
-    if api == "linen":
-        return ResNet(**kw, **runtime)
-    rngs = runtime.pop("rngs", None)
-    return NNXResNet(**kw, **runtime, rngs=flax_nnx.Rngs(0) if rngs is None else rngs)
+    return (ResNet if api == "linen" else NNXResNet).from_config(config, **runtime)
 
 
 def _dtype_name(value: Any) -> str | None:

@@ -170,3 +170,24 @@ class ModelConfig:
             if key in data and data[key] is not None and not isinstance(data[key], str):
                 raise ValueError(f"ModelConfig.{key}: expected a string, got {type(data[key]).__name__}")
         return cls(**data)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def split_settings(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(settings, runtime)``: the ``ModelConfig`` fields among ``kwargs`` and the rest (``axis_name``, ``rngs``)."""
+    return {k: v for k, v in kwargs.items() if k in FIELDS}, {k: v for k, v in kwargs.items() if k not in FIELDS}
+
+
+def dtype_of(variables: Mapping[str, Any]) -> str | None:
+    """The one floating dtype name of a variables tree's ``params`` (``None`` if mixed or not floating)."""
+    names = set()
+    stack = [variables.get("params", {})]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            stack.extend(node.values())
+        else:
+            names.add(str(getattr(node, "dtype", "")))
+    return names.pop() if len(names) == 1 and next(iter(names)) in DTYPES else None

@@ -19,7 +19,9 @@ import flax.linen as nn
 
 from flax_resnet import archs, kernels
 from flax_resnet.archs import ARCHS, ArchSpec, BlockSpec, ConvSpec, get_arch, stem_convs
+from flax_resnet.config import ModelConfig
 from flax_resnet.layers import BatchNorm, avg_pool_ceil
+from flax_resnet.settings import model_kwargs
 
 Dtype = Any
 ModuleDef = Any
@@ -197,6 +199,11 @@ class ResNet(nn.Module):
     @property
     def spec(self) -> ArchSpec:
         return get_arch(self.arch)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, axis_name: str | None = None) -> "ResNet":
+        """The model ``config`` describes (``flax_resnet.build(config)``)."""
+        return cls(**model_kwargs(config), axis_name=axis_name)
 
     def conv_def(self) -> ModuleDef:
         """The conv factory every layer uses."""

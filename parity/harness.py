@@ -93,7 +93,6 @@ from parity.torch_side import (
 __all__ = [
     "MODES", "FP32_FLOOR", "KINK_BAND", "FP64_TOL", "BF16_FLOOR", "SGD", "PERCENTILE_MIN_SIZE",
     "Point", "Argmax", "Report", "pinned_precision", "torch_device", "describe_devices", "torch_variants", "make_sgd", "run_parity",
-    "_kinks_like", "_logits32", "_np", "_numpy", "_stats", "_torch_side", "_torch_variant",
 ]  # fmt: skip
 
 

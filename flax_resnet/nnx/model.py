@@ -20,8 +20,10 @@ from flax import nnx
 
 from flax_resnet import archs, kernels
 from flax_resnet.archs import ArchSpec, BlockSpec, ConvSpec, get_arch, stem_convs
+from flax_resnet.config import ModelConfig
 from flax_resnet.layers import avg_pool_ceil
 from flax_resnet.layers import batch_norm
+from flax_resnet.settings import model_kwargs
 
 Dtype = Any
 
@@ -341,6 +343,11 @@ class ResNet(nnx.Module):
             if num_classes
             else None
         )
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, rngs: nnx.Rngs | None = None, axis_name: str | None = None) -> "ResNet":
+        """The model ``config`` describes (``flax_resnet.build(config, api="nnx")``); ``rngs`` default ``nnx.Rngs(0)``."""
+        return cls(**model_kwargs(config), axis_name=axis_name, rngs=nnx.Rngs(0) if rngs is None else rngs)
 
     def intermediates(self, x: jax.Array, blocks: bool = False) -> dict[str, jax.Array]:
         """Runs the network and returns every parity point in order.
