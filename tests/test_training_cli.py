@@ -209,7 +209,7 @@ def test_cli_init_and_freeze(r18, tmp_path):
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        (["--arch", "resnet51"], "argument --arch: invalid choice: 'resnet51'"),
+        (["--arch", "resnet51"], "argument --arch: unknown architecture 'resnet51'; did you mean 'resnet"),
         (["--dataset", "/nonexistent/x.npz"], "no such dataset file"),
         (["--dataset", "BADNPZ"], "lacks array(s) images, labels"),
         (["--dataset", "digits", "--num-classes", "5"], "digits has 10 classes, not --num-classes 5"),
