@@ -10,7 +10,7 @@ import torch
 import flax_resnet
 from flax_resnet import ARCHS, PARAM_COUNTS, BatchNorm
 from flax_resnet.archs import stem_convs
-from flax_resnet.model import _conv
+from flax_resnet.layers import conv as _conv
 
 
 def _count(tree):

@@ -290,7 +290,7 @@ def load(
         from flax_resnet.nnx import from_linen
 
         return from_linen(cfg.arch, variables, **kwargs)
-    model = ResNet(arch=cfg.arch, num_classes=cfg.num_classes, conv_bias=cfg.conv_bias, **kwargs)
+    model = ResNet(arch=cfg.arch, num_classes=cfg.num_classes, conv_bias=cfg.conv_bias, in_channels=cfg.in_channels, **kwargs)
     return model, variables
 
 
