@@ -43,7 +43,7 @@ from typing import Callable, Iterator
 LAYOUTS = ("torchvision", "seed", "transformers")
 STEMS = ("7x7", "deep", "deep_tiered")
 SHORTCUTS = ("conv", "avg_down")
-ATTNS = (None,)
+ATTNS = (None, "se")
 STEM_POOLS = ("max", "conv")
 SHORTCUT_NAME = {"seed": "identity_downsample", "torchvision": "downsample"}
 
@@ -150,6 +150,8 @@ _TIMM_C = dict(stem="deep", source="timm")
 _TIMM_D = dict(stem="deep", shortcut="avg_down", source="timm")
 _TIMM_S = dict(stem="deep", stem_width=64, source="timm")
 _TIMM_T = dict(stem="deep_tiered", shortcut="avg_down", source="timm")
+_SE = dict(attn="se", source="timm")
+_RS = dict(stem="deep", shortcut="avg_down", stem_pool="conv", attn="se", attn_ratio=0.25, source="timm")  # ResNet-RS
 
 ARCHS: dict[str, ArchSpec] = {
     spec.name: spec
@@ -184,6 +186,13 @@ ARCHS: dict[str, ArchSpec] = {
         _row("resnet152s", "bottleneck", _R152, **_TIMM_S),
         _row("resnet200", "bottleneck", (3, 24, 36, 3), source="timm"),
         _row("resnet200d", "bottleneck", (3, 24, 36, 3), **_TIMM_D),
+        # timm's squeeze-and-excitation ResNets and ResNet-RS (attn / stem_pool as data).
+        _row("seresnet50", "bottleneck", _R50, **_SE),
+        _row("seresnext26d_32x4d", "bottleneck", (2, 2, 2, 2), groups=32, width_per_group=4, **_TIMM_D, attn="se"),
+        _row("seresnext50_32x4d", "bottleneck", _R50, groups=32, width_per_group=4, **_SE),
+        _row("seresnext101_32x8d", "bottleneck", _R101, groups=32, width_per_group=8, **_SE),
+        _row("resnetrs50", "bottleneck", _R50, **_RS),
+        _row("resnetrs101", "bottleneck", _R101, **_RS),
     )
 }
 
@@ -220,6 +229,12 @@ TIMM_PARAM_COUNTS = {
     "resnet152s": 60_316_584,
     "resnet200": 64_673_832,
     "resnet200d": 64_693_064,
+    "seresnet50": 28_088_024,
+    "seresnext26d_32x4d": 16_809_512,
+    "seresnext50_32x4d": 27_559_896,
+    "seresnext101_32x8d": 93_569_048,
+    "resnetrs50": 35_691_912,
+    "resnetrs101": 63_618_696,
 }
 PARAM_COUNTS = {**TORCHVISION_PARAM_COUNTS, **TIMM_PARAM_COUNTS}
 

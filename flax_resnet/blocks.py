@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 
 from flax_resnet.archs import BlockSpec, ConvSpec
+from flax_resnet.attention import SqueezeExcite
 from flax_resnet.layers import avg_pool_ceil, conv, relu
 
 ModuleDef = Any
@@ -151,4 +152,4 @@ class ConvPool(nn.Module):
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 SHORTCUTS = {"conv": ConvShortcut, "avg_down": AvgDownShortcut}
-ATTENTION: dict[str, type] = {}  # a row's attn -> its module
+ATTENTION = {"se": SqueezeExcite}

@@ -77,6 +77,12 @@ TIMM = (
     "resnet152s",
     "resnet200",
     "resnet200d",
+    "seresnet50",
+    "seresnext26d_32x4d",
+    "seresnext50_32x4d",
+    "seresnext101_32x8d",
+    "resnetrs50",
+    "resnetrs101",
 )
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "reference")
 

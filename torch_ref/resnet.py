@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from flax_resnet.archs import SHORTCUT_NAME, BlockSpec, ConvSpec, blocks, check_layout, get_arch, stem_convs, stem_pool_conv
-
-ATTENTION: dict[str, type] = {}  # a row's attn -> its module
+from torch_ref.attention import ATTENTION
 
 
 def _conv(c: ConvSpec, bias: bool) -> nn.Conv2d:

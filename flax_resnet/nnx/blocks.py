@@ -20,6 +20,7 @@ from flax import nnx
 
 from flax_resnet import kernels
 from flax_resnet.archs import ArchSpec, BlockSpec, ConvSpec, stem_convs, stem_pool_conv
+from flax_resnet.attention import SqueezeExciteNNX
 from flax_resnet.layers import avg_pool_ceil, batch_norm
 
 Dtype = Any
@@ -238,4 +239,4 @@ def conv_pool(spec: ArchSpec, s: _Settings, rngs: nnx.Rngs) -> nnx.List:
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 SHORTCUTS = {"conv": conv_shortcut, "avg_down": avg_down_shortcut}
 STEMS = {"7x7": conv7x7_stem, "deep": deep_stem, "deep_tiered": deep_stem}
-ATTENTION: dict[str, type] = {}  # a row's attn -> its module
+ATTENTION = {"se": SqueezeExciteNNX}
