@@ -110,7 +110,7 @@ def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, A
         check_variables(unrolled, ModelConfig(model.arch, layout, model.num_classes, model.in_channels), f"NNX {model.arch}")
     tree = stack_blocks(unrolled) if model.scan_blocks else unrolled
     flat = {(c, *map(str, p)): v for c in ("params", "batch_stats") for p, v in traverse_util.flatten_dict(dict(tree.get(c, {}))).items()}
-    want = {(c, *p): np.shape(var[...]) for p, c, var in state}
+    want = {(c, *p): tuple(var.shape) for p, c, var in state}
     if set(flat) != set(want) or any(np.shape(flat[k]) != shape for k, shape in want.items()):  # the model's paths are Linen's by construction
         missing = sorted("/".join(k) for k in set(want) - set(flat))
         wrong = sorted("/".join(k) for k in set(want) & set(flat) if np.shape(flat[k]) != want[k])
