@@ -28,6 +28,8 @@ from flax_resnet.archs import ArchSpec, get_arch, stem_convs, stem_pool_conv
 from flax_resnet.blocks import ConvPool, DeepStem
 from flax_resnet.layers import BatchNorm, check_nhwc, conv, relu
 from flax_resnet.scan import Stage
+from flax_resnet.config import ModelConfig
+from flax_resnet.settings import model_kwargs
 
 Dtype = Any
 ModuleDef = Any
@@ -63,14 +65,21 @@ class ResNet(nn.Module):
             with a leading axis of length ``n - 1`` (``convert.stack_blocks``
             / ``unstack_blocks`` convert between the two trees).
         remat: rematerialize each block in the backward pass (``nn.remat``).
-        in_channels: input channels; ``init`` refuses other inputs (an NCHW
-            batch, a missing batch axis) with one line, as ``apply`` does.
+        in_channels: input channels (default 3); ``init`` refuses other inputs
+            (an NCHW batch, a missing batch axis) with one line, as ``apply``
+            does. ``None`` takes them from the input at ``init``.
         features_only: timm's ``features_only=True``: calling the model
             returns the list of feature maps ``out_indices`` selects from
             ``FEATURE_NAMES`` (``act1``: the stem after its ReLU, before the
             pool, stride 2; ``layer1``..``layer4``: strides 4..32), NHWC;
             there is no ``fc`` and nothing past the last selected stage runs.
         out_indices: indices into ``FEATURE_NAMES`` (timm's default: all five).
+        layout: the torch key layout the weights came from and export to by
+            default (``"torchvision"``, ``"seed"``, ``"transformers"``);
+            ``None``: seed for a seed-layout row with ``conv_bias``, else torchvision.
+
+    ``flax_resnet.build(config)`` makes one from a ``ModelConfig``;
+    ``flax_resnet.model_config(model)`` gives it back.
     """
 
     arch: str | ArchSpec = "resnet50"
@@ -86,13 +95,19 @@ class ResNet(nn.Module):
     bn_eps: float = 1e-5
     scan_blocks: bool = False
     remat: bool = False
-    in_channels: int = 3
+    in_channels: int | None = 3
+    layout: str | None = None
     features_only: bool = False
     out_indices: Sequence[int] = (0, 1, 2, 3, 4)
 
     @property
     def spec(self) -> ArchSpec:
         return get_arch(self.arch)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, axis_name: str | None = None) -> "ResNet":
+        """The model ``config`` describes (``flax_resnet.build(config)``)."""
+        return cls(**model_kwargs(config), axis_name=axis_name)
 
     def conv_def(self) -> ModuleDef:
         """The conv factory every layer uses."""

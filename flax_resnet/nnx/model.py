@@ -25,6 +25,8 @@ from flax_resnet.layers import check_nhwc
 from flax_resnet.model import FEATURE_NAMES, check_out_indices
 from flax_resnet.nnx.blocks import BLOCKS, STEMS, BatchNorm, _Settings, conv_pool
 from flax_resnet.nnx.scan import ScannedStage, run_stage
+from flax_resnet.config import ModelConfig
+from flax_resnet.settings import model_kwargs
 
 Dtype = Any
 _fc_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -66,6 +68,11 @@ class ResNet(nnx.Module):
             and no stage past the last selected one.
         out_indices: indices into ``FEATURE_NAMES`` (default: all five).
         rngs: ``nnx.Rngs`` for the initializers (``params`` stream).
+        layout: the torch key layout the weights came from (see the Linen
+            ``ResNet.layout``).
+
+    ``flax_resnet.build(config, api="nnx")`` makes one from a
+    ``ModelConfig``; ``flax_resnet.model_config(model)`` gives it back.
     """
 
     def __init__(
@@ -88,6 +95,7 @@ class ResNet(nnx.Module):
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3, 4),
         rngs: nnx.Rngs,
+        layout: str | None = None,
     ):
         spec = get_arch(arch)
         self.arch = spec.name
@@ -100,6 +108,11 @@ class ResNet(nnx.Module):
         self.param_dtype = param_dtype
         self.scan_blocks = scan_blocks
         self.remat = remat
+        self.zero_init_residual = zero_init_residual
+        self.precision = precision
+        self.bn_momentum = bn_momentum
+        self.bn_eps = bn_eps
+        self.layout = layout
         s = _Settings(conv_bias, dtype, param_dtype, precision, axis_name, bn_momentum, bn_eps)
         self.features_only = features_only
         self.out_indices = tuple(out_indices)
@@ -122,6 +135,11 @@ class ResNet(nnx.Module):
             if num_classes and not features_only
             else None
         )
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, rngs: nnx.Rngs | None = None, axis_name: str | None = None) -> "ResNet":
+        """The model ``config`` describes (``flax_resnet.build(config, api="nnx")``); ``rngs`` default ``nnx.Rngs(0)``."""
+        return cls(**model_kwargs(config), axis_name=axis_name, rngs=nnx.Rngs(0) if rngs is None else rngs)
 
     def _forward(self, x: jax.Array, blocks: bool, last_stage: int = 4) -> dict[str, jax.Array]:
         """Every point in order: ``act1``, ``stem``, [blocks], ``layer1``..``layer{last_stage}``, then (all 4 stages) ``pre_logits``, ``logits``."""
