@@ -24,6 +24,7 @@ import io
 import json
 import math
 import sys
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -60,10 +61,12 @@ def decode(payload: Any) -> Any:
         return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB")
     name = payload if isinstance(payload, str) else f"<{len(payload)} bytes>"
     try:
-        with Image.open(payload if isinstance(payload, str) else io.BytesIO(payload)) as img:
-            problem = check_header(img, name)
-            if problem is None:
-                return img.convert("RGB")  # loads every pixel: truncation shows here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_header refuses it in one line
+            with Image.open(payload if isinstance(payload, str) else io.BytesIO(payload)) as img:
+                problem = check_header(img, name)
+                if problem is None:
+                    return img.convert("RGB")  # loads every pixel: truncation shows here
     except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged files
         raise BadImage(f"{name}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     raise BadImage(problem)

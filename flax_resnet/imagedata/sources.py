@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -85,8 +86,10 @@ def _probe(path: str) -> tuple[str | None, str | None]:
     """``(mode, problem)`` from the file's header (no pixel is decoded)."""
     Image = _pil()
     try:
-        with Image.open(path) as img:
-            return img.mode, check_header(img, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_header refuses it in one line
+            with Image.open(path) as img:
+                return img.mode, check_header(img, path)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for non-images
         return None, f"{path}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
 
@@ -236,7 +239,7 @@ def seeded_split(split: Split, val_fraction: float, seed: int) -> tuple[Split, S
     val = []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        k = max(1, int(round(len(idx) * val_fraction))) if len(idx) > 1 else 0
         val += idx[:k].tolist()
     val_idx = np.sort(np.asarray(val, np.int64))
     train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
