@@ -167,7 +167,7 @@ def test_cli_folder_resume_mid_epoch_is_bit_identical(folder, tmp_path, capsys):
 
 
 def test_cli_datasets_dir_from_converted_weights(tmp_path, capsys):
-    """A ``datasets`` save_to_disk directory, fine-tuned from torch weights converted on load (--init a .pth)."""
+    """A ``datasets`` save_to_disk directory, fine-tuned from torch weights converted on load (--init a .pth), NNX front end."""
     datasets = pytest.importorskip("datasets")
     torch = pytest.importorskip("torch")
     model = flax_resnet.resnet18(num_classes=5)
@@ -185,7 +185,7 @@ def test_cli_datasets_dir_from_converted_weights(tmp_path, capsys):
     labels = [i % 2 for i in range(40)]
     imgs = [Image.fromarray(np.full((18, 22, 3), 30 + 180 * l, np.uint8)) for l in labels]
     datasets.Dataset.from_dict({"image": imgs, "label": labels}, features=feats).save_to_disk(str(tmp_path / "ds"))
-    rc, out, err = _train(capsys, tmp_path / "ds", tmp_path / "run", "--init", str(tmp_path / "r18.pth"), "--epochs", "1", "--freeze-backbone")
+    rc, out, err = _train(capsys, tmp_path / "ds", tmp_path / "run", "--init", str(tmp_path / "r18.pth"), "--epochs", "1", "--freeze-backbone", "--api", "nnx")
     assert rc == 0, err
     assert "ImageData('ds', train=36, val=4, size=16, classes=2" in err  # a seeded 10% split: no validation split saved
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -193,3 +193,20 @@ def test_missing_path_and_plain_file(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(sources.DataError, match="no images, parquet files or datasets directory found"):
         sources.open_splits(str(tmp_path / "d"))
+
+
+def test_optional_dependencies_load_only_when_used(monkeypatch):
+    import subprocess
+    import sys
+
+    code = ("import sys, flax_resnet, flax_resnet.cli; flax_resnet.cli.build_parser(); "
+            "print(sorted(m for m in ('grain', 'datasets', 'PIL') if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root), timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+    monkeypatch.setitem(sys.modules, "grain", None)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ModuleNotFoundError, match=r"^streaming image folders needs grain: pip install 'flax-resnet\[data\]'$"):
+        pipeline._grain()
+    with pytest.raises(ModuleNotFoundError, match=r"needs datasets: pip install 'flax-resnet\[datasets\]'$"):
+        sources._datasets()

@@ -124,6 +124,7 @@ def _bad(e: BadImage, recipe: Recipe) -> str:
 
 
 def _loader(records, ops, *, sampler, workers: int, prefetch: int):
+    """A ``grain.DataLoader`` of single records; ``prefetch`` records are kept ready per worker (a bounded read-ahead in-process)."""
     grain = _grain()
     if workers:
         from absl import flags  # grain's workers read absl flags; a program that never parsed them gets the defaults
@@ -136,7 +137,7 @@ def _loader(records, ops, *, sampler, workers: int, prefetch: int):
         operations=ops,
         worker_count=workers,
         worker_buffer_size=max(1, prefetch),
-        read_options=grain.ReadOptions(num_threads=max(1, min(workers, 4)) if workers else 2, prefetch_buffer_size=max(1, prefetch) * 64),
+        read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, min(prefetch, 128))),
     )
 
 
