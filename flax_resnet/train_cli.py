@@ -109,7 +109,7 @@ def _validate(args) -> None:
         raise _usage("--max-shift must be >= 0 and --size >= 1")
     if args.num_classes is not None and args.num_classes < 1:
         raise _usage("--num-classes must be >= 1")
-    if args.dataset == "digits":
+    if args.data is None and args.dataset == "digits":
         if args.num_classes not in (None, 10):
             raise _usage(f"digits has 10 classes, not --num-classes {args.num_classes}")
         if args.channels_first:
@@ -448,11 +448,13 @@ def run(args: argparse.Namespace) -> int:
         _train(_Run(args, model, ds, state, sched, mesh, ckpt, config, steps_per_epoch, main), start_epoch, records)
     except train_loop.Stopped:
         ckpt.close()
+        ds.close()
         _say(f"stopped after {args.stop_after_steps} steps (--stop-after-steps); rerun to resume from the newest checkpoint")
         return 0
     ckpt.close()
+    ds.close()
     if main and getattr(ds, "stream", None) is not None and ds.stream.skipped:
-        _say(f"--on-bad-image skip: {len(ds.stream.skipped)} unreadable images were left out while training (named above)")
+        _say(f"--on-bad-image skip: {len(set(ds.stream.skipped))} images failed to decode and were left out each time met (named above)")
     if main and records:
         last = records[-1]
         summary = {

@@ -190,6 +190,13 @@ class TrainStream:
             self.epoch, self.pos, self.step = int(state["epoch"]), int(state["pos"]), int(state["step"])
             self.skipped = list(state.get("skipped", []))
 
+    def close(self) -> None:
+        """Stops the worker processes (dropping the iterator is how grain shuts them down)."""
+        import gc
+
+        self._it = None
+        gc.collect()
+
     def state(self) -> dict:
         """JSON-able: grain's iterator state and where in which epoch it stands."""
         return {"iterator": self._it.get_state().decode(), "epoch": self.epoch, "pos": self.pos, "step": self.step, "skipped": self.skipped[-100:]}

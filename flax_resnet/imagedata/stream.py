@@ -11,6 +11,7 @@ host batch reaches the devices) and what a run records about its data.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Iterator
 
 import numpy as np
@@ -54,6 +55,9 @@ class ArrayData:
         return None
 
     def restore(self, state: dict | None) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
     def __repr__(self) -> str:
@@ -140,6 +144,9 @@ class ImageData:
     def restore(self, state: dict | None) -> None:
         self.stream.restore(state)
 
+    def close(self) -> None:
+        self.stream.close()
+
     def __repr__(self) -> str:
         return f"ImageData({self.name!r}, train={len(self.splits.train)}, val={len(self.splits.val)}, size={self.recipe.size}, classes={self.num_classes}, augment={self.recipe.augment})"
 
@@ -176,6 +183,11 @@ def open_data(args: Any, in_ch: int | None) -> ArrayData | ImageData:
     if in_ch not in (None, 3):
         raise ValueError(f"{path}: images are read as RGB but the --init model takes {in_ch}-channel input")
     splits = sources.open_splits(path, on_bad=args.on_bad_image, val_fraction=args.val_fraction, seed=args.seed)
+    rep = splits.report
+    if rep.get("skipped"):
+        print(f"--on-bad-image skip: left out {len(rep['skipped'])} unreadable or oversized files, e.g. {rep['skipped'][0]}", file=sys.stderr, flush=True)
+    if rep.get("ignored"):
+        print(f"ignored {rep['ignored']} files without an image extension (as torchvision's ImageFolder does)", file=sys.stderr, flush=True)
     if args.num_classes not in (None, len(splits.classes)):
         raise ValueError(f"{path} has {len(splits.classes)} classes, not --num-classes {args.num_classes}")
     base = init_preprocess(args.init)
