@@ -41,6 +41,9 @@ from typing import Any
 
 from flax_resnet import preprocess as pp
 from flax_resnet.archs import ARCHS
+from flax_resnet.builder import check_api
+from flax_resnet.io.common import one_line
+from flax_resnet.io.resolve import load
 
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz", ".msgpack")
@@ -146,11 +149,6 @@ def _tilde(p: Path) -> str:
     return "~" + s[len(home) :] if home not in ("", "/") and s.startswith(home + os.sep) else s
 
 
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
 def imagenet_labels() -> tuple[str, ...] | None:
     """ImageNet-1k class names in torchvision's order (``weights.meta["categories"]``), if shipped."""
     path = Path(__file__).with_name("imagenet_classes.txt")
@@ -188,7 +186,7 @@ def _torchvision(name: str, w: TorchvisionWeights, download: bool) -> Pretrained
         try:
             _download(w.url, path)
         except Exception as e:  # URLError, timeouts, HTTP errors, a bad hash
-            raise FileNotFoundError(f"{where} and the download failed: {_one_line(e)}; fetch {w.url} into it") from None
+            raise FileNotFoundError(f"{where} and the download failed: {one_line(e)}; fetch {w.url} into it") from None
     labels = imagenet_labels()
     return Pretrained(name, "torchvision", path, None, labels, pp.torchvision_preset(w.resize, w.enum))
 
@@ -210,7 +208,7 @@ def _hf_file(repo: str, filename: str, download: bool, revision: str | None) -> 
         if not download and isinstance(e, LocalEntryNotFoundError):
             return None
         cause = e.__cause__ or e.__context__ or e
-        raise FileNotFoundError(f"{repo} is not in the Hugging Face cache {_tilde(hf_cache_dir())} and the download failed: {_one_line(cause)}") from None
+        raise FileNotFoundError(f"{repo} is not in the Hugging Face cache {_tilde(hf_cache_dir())} and the download failed: {one_line(cause)}") from None
 
 
 def hf_snapshot(repo: str, download: bool = True, revision: str | None = None) -> Path:
@@ -253,7 +251,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({_one_line(e, 120)})") from None
+        raise ValueError(f"{path}: unreadable JSON ({one_line(e, 120)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -341,33 +339,18 @@ def from_pretrained(name: str | os.PathLike, api: str = "linen", download: bool 
             ``param_dtype``, ``layout``, ``arch``, ...).
 
     Returns:
-        ``(model, variables)`` exactly as ``flax_resnet.load(resolve(name).path)``
-        for ``api="linen"``; for ``api="nnx"`` a ``flax_resnet.nnx.ResNet``
-        holding the same arrays (in train mode, like any new NNX or torch
-        model: call ``.eval()`` for inference). Labels and the preprocessing
-        are in ``resolve(name)``.
+        Exactly ``flax_resnet.load(path, api=api, **load_kwargs)`` of the path
+        (or model directory) ``resolve(name)`` finds: ``(model, variables)``
+        for ``api="linen"``, a ``flax_resnet.nnx.ResNet`` (in train mode:
+        call ``.eval()`` for inference) for ``api="nnx"``; the same config
+        either way. Labels and the preprocessing are in ``resolve(name)``.
 
     Raises:
         FileNotFoundError: not cached and not downloadable.
-        NotImplementedError: ``api="nnx"`` where ``flax_resnet.nnx`` is missing.
         ValueError: an unknown name or api; ``ConversionError`` (a
             ``ValueError``) for weights that are not a ResNet this package builds.
     """
-    if api not in ("linen", "nnx"):
-        raise ValueError(f"unknown api {api!r}; choose 'linen' or 'nnx'")
-    if api == "nnx":
-        try:
-            from flax_resnet import nnx as fnnx
-        except ModuleNotFoundError as e:
-            if e.name != "flax_resnet.nnx":
-                raise
-            raise NotImplementedError("api='nnx' needs flax_resnet.nnx, which this version does not have yet") from None
-    from flax_resnet.checkpoint import load
-
+    check_api(api)
     info = resolve(name, download=download, revision=revision)
     # A model directory is read whole: its config.json names v1 strides (transformers) or the architecture (timm).
-    model, variables = load(info.directory if info.directory is not None else info.path, **load_kwargs)
-    if api == "nnx":
-        kwargs = {name: getattr(model, name) for name in ("dtype", "precision") if getattr(model, name, None) is not None}
-        return fnnx.from_linen(model.arch, variables, **kwargs)
-    return model, variables
+    return load(info.directory if info.directory is not None else info.path, api=api, **load_kwargs)

@@ -142,7 +142,7 @@ def _preprocess(args, info, channels: int) -> pp.Preprocess:
 
 def run(args: argparse.Namespace) -> int:
     from flax_resnet import hub
-    from flax_resnet.checkpoint import load
+    from flax_resnet.io import load
 
     if args.top_k < 1:
         raise _usage(f"--top-k must be at least 1, got {args.top_k}")

@@ -15,7 +15,11 @@ import sys
 import time
 from typing import Any
 
-from flax_resnet.cli import add_command
+# JAX-side modules (training, data, builder) are imported inside the command, so that
+# `flax-resnet --help` and every other command start without importing JAX.
+from flax_resnet.archs import ARCHS
+from flax_resnet.cli import UsageError, add_command
+from flax_resnet.config import ModelConfig
 
 DEFAULTS = dict(epochs=12, batch_size=64, warmup_epochs=1.0, max_shift=2, seed=0)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -27,8 +31,6 @@ RECIPE_KEYS = ("epochs", "lr", "schedule", "warmup_epochs", "momentum", "weight_
 
 
 def register(subparsers) -> None:
-    from flax_resnet.archs import ARCHS
-
     from flax_resnet.imagedata import stream
 
     p = add_command(subparsers, "train", "train a ResNet in JAX (digits, a .npz, an image folder or a datasets directory)", __doc__.split("\n\n")[0].split(": ", 1)[1])
@@ -74,8 +76,6 @@ def register(subparsers) -> None:
 
 
 def _usage(msg: str):
-    from flax_resnet.cli import UsageError
-
     return UsageError(msg)
 
 
@@ -175,9 +175,10 @@ def _build_model(args, dtype):
         if args.arch is not None and args.arch != model.spec.name:
             raise _usage(f"--arch {args.arch} but {args.init} holds a {model.spec.name}")
         return model, variables, _input_channels(variables["params"])
-    from flax_resnet.model import ResNet
+    from flax_resnet.builder import build
 
-    return ResNet(arch=args.arch or "resnet50", num_classes=10, dtype=dtype, zero_init_residual=not args.no_zero_init_residual), None, None
+    config = ModelConfig(args.arch or "resnet50", num_classes=10, dtype=dtype, zero_init_residual=not args.no_zero_init_residual)
+    return build(config), None, None
 
 
 def _load_data(args, in_ch):

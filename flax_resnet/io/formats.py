@@ -20,7 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from flax_resnet.io import orbax_io, torch_pickle
+from flax_resnet.convert import ConversionError, infer_config, infer_flax_config, leaves, normalize_state_dict
+from flax_resnet.io import hf_dir, orbax_io, torch_pickle
 from flax_resnet.io.atomic import write_bytes
 from flax_resnet.io.common import (
     FLAX_COLLECTIONS,
@@ -90,8 +91,6 @@ def _strip_shared_prefix(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarra
 
 def torch_keys(raw: Mapping[str, Any], p: Path) -> tuple[dict[str, np.ndarray], str]:
     """A state_dict without ``module.``/``_orig_mod.``/shared prefixes, and the prefix stripped."""
-    from flax_resnet.convert import ConversionError, normalize_state_dict
-
     try:  # dense numeric tensors only: meta, sparse and float8 tensors are named
         sd = normalize_state_dict(raw)
     except ConversionError as e:
@@ -179,8 +178,6 @@ def _npz_declared(p: Path) -> dict[str, tuple[tuple, np.dtype]]:
 
 def _check_npz_sizes(p: Path) -> None:
     """Refuses an .npz whose declared arrays exceed what its architecture holds, before inflating any (zip bombs)."""
-    from flax_resnet.convert import ConversionError, infer_config, infer_flax_config, leaves
-
     try:
         declared = _npz_declared(p)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, TypeError) as e:
@@ -282,11 +279,9 @@ def read(path: str | os.PathLike) -> Checkpoint:
     Raises:
         FileNotFoundError, IsADirectoryError, CheckpointError.
     """
-    from flax_resnet.io import hf_dir
-
     if hf_dir.is_model_dir(Path(path)):  # a Hugging Face model directory: config.json + weights
-        ck, extra = hf_dir.read_model_dir(Path(path), read)
-        return dataclasses.replace(ck, path=Path(path), meta={**ck.meta, **extra})
+        ck = read(hf_dir.weights_file(Path(path)))
+        return dataclasses.replace(ck, path=Path(path), meta={**ck.meta, **hf_dir.read_model_dir(Path(path), ck)})
     fmt = detect_format(path)
     ck = READERS[fmt](Path(path))
     check_interrupt()

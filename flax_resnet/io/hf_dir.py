@@ -93,41 +93,45 @@ def _timm_arch(cfg: dict, where: str) -> str:
     return arch
 
 
-def read_model_dir(p: Path, read_file) -> tuple[Any, dict]:
-    """Reads a model directory's weights with ``read_file`` and checks them against ``config.json``.
-
-    Args:
-        p: the directory.
-        read_file: the single-file reader (``formats.read``).
-
-    Returns:
-        ``(checkpoint, meta)``: the weights file's ``Checkpoint`` and the
-        metadata the directory adds (``arch`` for timm, ``stride_in_1x1``,
-        ``labels``, ``source``).
-
-    Raises:
-        CheckpointError: no weights file, an unreadable or contradicting
-            ``config.json``, an unknown timm architecture (one line each).
-    """
-    where = str(p / "config.json")
-    cfg = _config(p)
+def weights_file(p: Path) -> Path:
+    """The weights file of model directory ``p`` (``CheckpointError`` if it has none)."""
     weights = next((p / f for f in WEIGHT_FILES if (p / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{p}: a model directory without weights (no {' or '.join(WEIGHT_FILES)} next to config.json)")
+    return weights
+
+
+def read_model_dir(p: Path, ck: Any) -> dict:
+    """Checks a model directory's weights against its ``config.json``.
+
+    Args:
+        p: the directory.
+        ck: the ``Checkpoint`` that ``formats.read`` made of ``weights_file(p)``.
+
+    Returns:
+        The metadata the directory adds (``arch`` for timm, ``stride_in_1x1``,
+        ``labels``, ``source``).
+
+    Raises:
+        CheckpointError: an unreadable or contradicting ``config.json``, an
+            unknown timm architecture (one line each).
+    """
+    where = str(p / "config.json")
+    cfg = _config(p)
+    weights = ck.path
     if "architecture" in cfg or "pretrained_cfg" in cfg:  # timm's push_to_hub config
         arch = _timm_arch(cfg, where)
         meta: dict[str, Any] = {"source": "timm", "arch": arch}
         labels = cfg.get("label_names")
         if isinstance(labels, list) and labels and len(labels) == cfg.get("num_classes", len(labels)):
             meta["labels"] = [str(x) for x in labels]
-        return read_file(weights), meta
+        return meta
     if cfg.get("model_type") != "resnet":
         raise CheckpointError(f"{where}: neither a transformers ResNet (model_type {cfg.get('model_type')!r}) nor a timm config (no 'architecture')")
-    ck = read_file(weights)
     if ck.keys != "torch":
         raise CheckpointError(f"{weights}: expected a torch state_dict in a transformers model directory")
     try:
         found = infer_config(ck.tensors, layout="transformers")
     except ConversionError as e:
         raise ConversionError(f"a transformers ResNet from {weights}", e.missing, e.unexpected, e.mismatched, e.other) from None
-    return ck, _check_transformers(cfg, found, where)
+    return _check_transformers(cfg, found, where)

@@ -6,6 +6,10 @@ import os
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+
+from flax_resnet.io.resolve import load
+from flax_resnet.model import ResNet
 
 
 def replace_head(model, variables: dict, num_classes: int, rng: jax.Array):
@@ -18,10 +22,6 @@ def replace_head(model, variables: dict, num_classes: int, rng: jax.Array):
     Raises:
         TypeError: ``model`` is not a ``flax_resnet.ResNet``.
     """
-    import flax.linen as nn
-
-    from flax_resnet.model import ResNet
-
     if not isinstance(model, ResNet):
         raise TypeError(f"replace_head expects a flax_resnet.ResNet, got {type(model).__name__}")
     fc = variables["params"]["fc"]
@@ -54,9 +54,7 @@ def load_pretrained(path: str | os.PathLike, num_classes: int | None = None, rng
     Returns:
         ``(model, variables)``.
     """
-    import flax_resnet  # the package's loader; imported only when used
-
-    model, variables = flax_resnet.load(path, **model_kwargs)
+    model, variables = load(path, **model_kwargs)
     if num_classes is not None and num_classes != model.num_classes:
         model, variables = replace_head(model, variables, num_classes, jax.random.key(0) if rng is None else rng)
     return model, variables

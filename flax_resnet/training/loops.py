@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from flax_resnet.data import batches as data_batches
 from flax_resnet.training.devices import shard_batch
 from flax_resnet.training.state import TrainState, eval_step, train_step
 
@@ -40,10 +41,8 @@ def run_epoch(
     Raises:
         ValueError: the batch is larger than the training set.
     """
-    from flax_resnet import data
-
     if batches is None:
-        batches = data.batches(images, labels, batch_size, seed=seed, epoch=epoch, max_shift=max_shift)
+        batches = data_batches(images, labels, batch_size, seed=seed, epoch=epoch, max_shift=max_shift)
     metrics = run_batches(step, batches, mesh=mesh, progress=progress, place=place)
     if metrics["steps"] == 0 and labels is not None:
         raise ValueError(f"batch size {batch_size} is larger than the {len(labels)} training images")
