@@ -230,3 +230,16 @@ def test_two_class_digits_folder_reaches_95_percent(tmp_path, capsys):
     assert rc == 0, err
     assert "ImageData('d', train=288, val=72, size=32, classes=2" in err
     assert json.loads(out.strip().splitlines()[-1])["best_test_accuracy"] >= 0.95
+
+
+@pytest.mark.slow
+def test_cli_folder_on_two_devices(folder, tmp_path):
+    """--devices 2 (virtual CPU devices, so a subprocess): each host batch is split over the local devices."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "flax_resnet", "train", "--data", str(folder), "--arch", "resnet10t", "--size", "16", "--epochs", "1",
+           "--batch-size", "8", "--devices", "2", "--workers", "1", "--progress", "off", "--workdir", str(tmp_path / "w")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "2 cpu device(s), batch 8" in r.stderr and json.loads(r.stdout.strip().splitlines()[-1])["epochs"] == 1
