@@ -37,9 +37,9 @@ def test_labels_follow_sorted_folder_names_and_val_folder(tmp_path):
             path, label = split.records[i]
             assert os.path.basename(os.path.dirname(path)) == s.classes[label]
             assert s.classes[label] in names
-    # The files' pixels carry their class: ant (written as class 1 of the val call's order? no: by its own k).
+    # The pixels carry the class they were written as: _folder wrote "ant" second (k=1, mean 120).
     path, label = s.train.records[0]
-    assert s.classes[label] == "ant" and abs(_decoded_mean(path) - 120) < 10  # "ant" was written second (k=1)
+    assert s.classes[label] == "ant" and abs(_decoded_mean(path) - 120) < 10
 
 
 def test_flat_folder_gets_a_seeded_stratified_split(tmp_path):
