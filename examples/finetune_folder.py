@@ -7,14 +7,17 @@ RandomResizedCrop + flip, normalize, batches; checkpointable with
 center crop). Run::
 
     python examples/finetune_folder.py /path/to/folder --init resnet50-11ad3fa6.pth --size 224 --steps 500
+    python examples/finetune_folder.py          # digits 0 and 1 written as PNGs into ./digits01 first
 
-Prints one JSON line per evaluation. Needs ``pip install 'flax-resnet[data]'``.
+Prints one JSON line after evaluating. Needs ``pip install 'flax-resnet[data]'``.
 """
+# example-test: --size 16 --steps 3 --batch-size 8 --arch resnet10t
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import jax
 import numpy as np
@@ -25,7 +28,7 @@ from flax_resnet.imagedata import pipeline, sources, stream
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("folder", help="root/train/<class>/*.jpg (+ root/val/<class>/), or root/<class>/*.jpg")
+    p.add_argument("folder", nargs="?", default=None, help="root/train/<class>/*.jpg (+ root/val/<class>/), or root/<class>/*.jpg (default: ./digits01, written if missing)")
     p.add_argument("--init", default=None, help="converted weights to start from (default: a fresh --arch)")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--size", type=int, default=224)
@@ -34,6 +37,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--workers", type=int, default=0)
     args = p.parse_args()
+    if args.folder is None:
+        from flax_resnet.imagedata import synthetic
+
+        args.folder = "digits01"
+        if not os.path.isdir(args.folder):
+            synthetic.digits_folder(args.folder, (0, 1), size=32, limit=40)  # 64 train / 16 val PNGs
 
     splits = sources.open_splits(args.folder)
     base = stream.init_preprocess(args.init)  # the weights' own eval preprocessing and mean/std

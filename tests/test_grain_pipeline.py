@@ -204,17 +204,6 @@ def test_cli_data_errors_are_one_line(tmp_path, capsys, folder):
     assert rc == 2 and err.endswith("empty class folder (no .jpg/.jpeg/.png/.ppm/.bmp/.pgm/.tif/.tiff/.webp files); remove it or add images\n")
 
 
-def test_example_script_runs_at_tiny_size(folder, tmp_path, capsys, monkeypatch):
-    """examples/finetune_folder.py: the same pipeline in a hand-written training loop (run in this process)."""
-    import runpy
-
-    argv = [str(folder), "--size", "16", "--steps", "3", "--batch-size", "6", "--arch", "resnet10t"]  # 12 val images: one eval shape
-    monkeypatch.setattr(sys, "argv", ["finetune_folder.py", *argv])
-    runpy.run_path(os.path.join(ROOT, "examples", "finetune_folder.py"), run_name="__main__")
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["steps"] == 3 and 0.0 <= last["val_accuracy"] <= 1.0 and last["classes"] == ["circle", "square"]
-
-
 @pytest.mark.slow
 def test_two_class_digits_folder_reaches_95_percent(tmp_path, capsys):
     """The docs' acceptance run: digits 0 and 1 as 32 px PNGs, from a converted (random) torch resnet18: >= 95% validation accuracy."""
