@@ -22,6 +22,8 @@ _LAZY = {
     "read_state_dict": "flax_resnet.io",
     "save": "flax_resnet.io",
     "from_pretrained": "flax_resnet.hub",
+    "list_models": "flax_resnet.catalog",
+    "list_pretrained": "flax_resnet.catalog",
     "build": "flax_resnet.builder",
     "model_config": "flax_resnet.builder",
     "ConversionError": "flax_resnet.convert",

@@ -17,8 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flax_resnet.cli import add_command
+from flax_resnet import hub
 from flax_resnet import preprocess as pp
+from flax_resnet.cli import add_command
 
 EPILOG = """\
 preprocessing by source (shorter side resized, then a square center crop, then ImageNet mean/std):
@@ -60,6 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line (default: the source's, if any)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass (default: %(default)s)")
     p.add_argument("--no-download", action="store_true", help="use only cached weights; never download")
+    p.add_argument("--no-check-hash", action="store_true",
+                   help="accept a cached torchvision file whose SHA-256 does not match the hash in its name")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 
@@ -119,6 +122,32 @@ def top_k(model: Any, variables: dict, batch: np.ndarray, k: int, batch_size: in
     return np.take_along_axis(out, order, axis=-1), order
 
 
+def check_inputs(paths: Sequence[str]) -> None:
+    """Every input is a readable file: checked before any weights load (which can take seconds).
+
+    Raises:
+        FileNotFoundError, PermissionError, IsADirectoryError: one line naming the first bad input.
+    """
+    import os
+
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such image file")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path}: a directory, not an image file (pass the files, e.g. {path}/*.jpg)")
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"{path}: not readable (permission denied)")
+
+
+def _labels_note(info, labels, n: int, args) -> str:
+    if args.labels:
+        return f"{n} from {args.labels}"
+    if labels is None:
+        why = "the weights name no classes" if info.labels is None else f"the source's {len(info.labels)} names do not fit {n} classes"
+        return f"none ({why}; --labels FILE names them)"
+    return f"{n} from {info.source}" + (" (ImageNet-1k)" if labels == hub.imagenet_labels() else "")
+
+
 def _preprocess(args, info, channels: int) -> pp.Preprocess:
     base = info.preprocess
     changes: dict[str, Any] = {}
@@ -141,7 +170,6 @@ def _preprocess(args, info, channels: int) -> pp.Preprocess:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flax_resnet import hub
     from flax_resnet.io import load
 
     if args.top_k < 1:
@@ -153,7 +181,11 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         if not all(str(p).endswith(".npz") for p in args.images):
             raise _usage(str(e)) from None
-    info = hub.resolve(args.weights, download=not args.no_download)
+    check_inputs(args.images)
+    try:
+        info = hub.resolve(args.weights, download=not args.no_download, check_hash=not args.no_check_hash)
+    except (OSError, ValueError) as e:  # the library's message, in this command's options
+        raise _usage(hub.cli_terms(str(e))) from None
     model, variables = load(info.path)
     channels = in_channels(variables)
     prep = _preprocess(args, info, channels)
@@ -181,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"weights     {info.path} ({model.arch}, {model.num_classes} classes, from {info.source})")
     print(f"preprocess  {prep.describe()}")
+    print(f"labels      {_labels_note(info, labels, model.num_classes, args)}")
     width = max(len(str(model.num_classes - 1)), 5)
     for r in results:
         print(r["image"])

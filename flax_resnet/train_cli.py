@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     from flax_resnet.imagedata import stream
 
     p = add_command(subparsers, "train", "train a ResNet in JAX (digits, a .npz, an image folder or a datasets directory)", __doc__.split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("--arch", default=None, choices=list(ARCHS), metavar="ARCH",
+    p.add_argument("--arch", default=None, type=_arch, metavar="ARCH",
                    help=f"architecture: {', '.join(ARCHS)} (default: resnet50, or the --init checkpoint's)")
     p.add_argument("--dataset", default="digits", help="'digits' (scikit-learn's, 32x32) or a .npz with arrays images and labels")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs to train")
@@ -73,6 +73,16 @@ def register(subparsers) -> None:
     p.add_argument("--no-cpu-workaround", action="store_true", help="keep XLA's algsimp pass on CPU (it slows small convs ~3x)")
     p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first (or set FLAX_RESNET_DISTRIBUTED=1)")
     p.set_defaults(func=run)
+
+
+def _arch(name: str) -> str:
+    """``--arch``'s type: a name of ``ARCHS``, else argparse's one line with the nearest name."""
+    from flax_resnet.archs import get_arch
+
+    try:
+        return get_arch(name).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _usage(msg: str):
@@ -230,8 +240,12 @@ def _newest_meta(ckpt) -> tuple[int, dict] | None:
 
 
 def _check_run(workdir: str, saved: dict, config: dict) -> None:
-    """Refuses to resume another run (other architecture, data, batch, ...), naming what differs."""
+    """Refuses to resume another run (other architecture, data, batch, init weights, ...), naming what differs."""
     other = [f"{_opt(k)} {saved[k]} -> {config[k]}" for k in RUN_KEYS if saved.get(k) is not None and saved[k] != config[k]]
+    if "init" in saved and saved["init"] != config["init"]:  # runs saved before the init identity existed pass
+        was = f"{saved.get('init_file')} ({saved['init']})" if saved["init"] else "random weights"
+        now = f"{config['init_file']} ({config['init']})" if config["init"] else "random weights"
+        other.append(f"--init {was} -> {now}")
     if other:
         raise _usage(
             f"{workdir} holds another run ({', '.join(other)}): resuming it would not continue that run; "
@@ -422,8 +436,10 @@ def run(args: argparse.Namespace) -> int:
         )
 
     config = {"arch": model.spec.name, "dataset": ds.name, "num_classes": ds.num_classes, "normalize": args.normalize,
-              "channels_first": args.channels_first, "size": args.size, "data": ds.identity if ds.streaming else None,
-              "augment": args.augment if ds.streaming else None, "classes": list(ds.classes) if ds.classes else None}
+              "channels_first": args.channels_first, "size": args.size,
+              "init": training.weights_identity(args.init) if args.init else None, "init_file": args.init,
+              "data": ds.identity if ds.streaming else None, "augment": args.augment if ds.streaming else None,
+              "classes": list(ds.classes) if ds.classes else None}
     config.update({k: getattr(args, k) for k in ("batch_size", "seed", "dtype") + RECIPE_KEYS})
     os.makedirs(args.workdir, exist_ok=True)
     ckpt = training.Checkpointer(os.path.join(args.workdir, "checkpoints"), max_to_keep=args.keep_checkpoints)
@@ -435,35 +451,50 @@ def run(args: argparse.Namespace) -> int:
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         n_dev = mesh.devices.size if mesh is not None else 1
-        resumed = f"; resuming after epoch {start_epoch}" if start_epoch else ""
-        if getattr(ds, "stream", None) is not None and ds.stream.step:
-            resumed = f"; resuming at step {ds.stream.step + 1} of epoch {start_epoch + 1}"
+        resumed = train_loop.resume_note(ds, start_epoch)
+        dropped = ds.num_train - steps_per_epoch * args.batch_size
         _say(
             f"{model.spec.name} ({sum(x.size for x in jax.tree.leaves(state.params)):,} params, {args.dtype}) on {ds!r}; "
             f"{n_dev} {jax.devices()[0].platform} device(s), batch {args.batch_size}, lr {float(sched(0)):.3g} at step 1 "
             f"(peak {args.lr if args.lr is not None else training.paper_lr(args.batch_size):g}, {args.schedule}), "
             f"{steps_per_epoch} steps/epoch; writing {args.workdir}{resumed}"
         )
+        if dropped:
+            _say(_dropped_note(ds.num_train, args.batch_size, dropped))
+        if start_epoch >= args.epochs:
+            done = f"all {args.epochs} epochs are" if start_epoch == args.epochs else f"{start_epoch} epochs (--epochs {args.epochs}) are"
+            _say(
+                f"{args.workdir}: {done} done, nothing to train; "
+                f"pass a larger --epochs to continue the run, --no-resume to start over, or another --workdir"
+            )
     t_run = time.perf_counter()
     try:
         _train(_Run(args, model, ds, state, sched, mesh, ckpt, config, steps_per_epoch, main), start_epoch, records)
     except train_loop.Stopped:
-        ckpt.close()
-        ds.close()
-        _say(f"stopped after {args.stop_after_steps} steps (--stop-after-steps); rerun to resume from the newest checkpoint")
-        return 0
+        return train_loop.stopped(args, ckpt, ds)
+    if not records and start_epoch:  # metrics.jsonl gone (or never written): the newest checkpoint's meta has the accuracy
+        epoch, meta = _newest_meta(ckpt) or (start_epoch, {})
+        records = [{"epoch": epoch, "test_accuracy": meta.get("test_accuracy")}]
     ckpt.close()
-    ds.close()
-    if main and getattr(ds, "stream", None) is not None and ds.stream.skipped:
-        _say(f"--on-bad-image skip: {len(set(ds.stream.skipped))} images failed to decode and were left out each time met (named above)")
+    train_loop.close_data(ds, main)
     if main and records:
-        last = records[-1]
+        accuracies = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
         summary = {
             "workdir": args.workdir,
-            "epochs": last["epoch"],
-            "test_accuracy": last["test_accuracy"],
-            "best_test_accuracy": max(r["test_accuracy"] for r in records),
+            "epochs": records[-1]["epoch"],
+            "test_accuracy": records[-1]["test_accuracy"],
+            "best_test_accuracy": max(accuracies) if accuracies else None,
             "train_seconds": round(time.perf_counter() - t_run, 1),
         }
         print(json.dumps(summary))
     return 0
+
+
+def _dropped_note(n: int, batch_size: int, dropped: int) -> str:
+    """One line on the images past the last full batch: how many, why, and a batch size that uses all."""
+    fit = next((b for b in range(batch_size, batch_size // 2, -1) if n % b == 0), None)
+    hint = f"; --batch-size {fit} uses every image" if fit is not None else ""
+    return (
+        f"{dropped} of the {n} training images are left out of each epoch: every step takes a full batch of {batch_size} "
+        f"(one shape, one compilation); the order is reshuffled each epoch, so a different {dropped} sit out{hint}"
+    )

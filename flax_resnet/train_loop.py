@@ -6,6 +6,8 @@ checkpointer, config, steps per epoch.
 
 from __future__ import annotations
 
+import sys
+
 
 class Stopped(Exception):
     """``--stop-after-steps`` reached."""
@@ -60,3 +62,26 @@ def checkpointing(run, epoch: int, progress, nnx_run):
             raise Stopped
 
     return hook
+
+
+def resume_note(ds, start_epoch: int) -> str:
+    """The start line's ``; resuming ...`` (mid-epoch for a streamed run restored inside an epoch)."""
+    if getattr(ds, "stream", None) is not None and ds.stream.step:
+        return f"; resuming at step {ds.stream.step + 1} of epoch {start_epoch + 1}"
+    return f"; resuming after epoch {start_epoch}" if start_epoch else ""
+
+
+def stopped(args, ckpt, ds) -> int:
+    """``--stop-after-steps`` reached: pending checkpoints finish, the workers stop, one line; exit status 0."""
+    ckpt.close()
+    ds.close()
+    print(f"stopped after {args.stop_after_steps} steps (--stop-after-steps); rerun to resume from the newest checkpoint", file=sys.stderr, flush=True)
+    return 0
+
+
+def close_data(ds, main: bool) -> None:
+    """Stops the data workers; counts the images ``--on-bad-image skip`` left out while decoding."""
+    ds.close()
+    skipped = getattr(getattr(ds, "stream", None), "skipped", None)
+    if main and skipped:
+        print(f"--on-bad-image skip: {len(set(skipped))} images failed to decode and were left out each time met (named above)", file=sys.stderr, flush=True)

@@ -1,7 +1,8 @@
-"""Fine-tuning converted weights: a new classifier head, pretrained checkpoints."""
+"""Fine-tuning converted weights: a new classifier head, pretrained checkpoints and their identity."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -58,3 +59,20 @@ def load_pretrained(path: str | os.PathLike, num_classes: int | None = None, rng
     if num_classes is not None and num_classes != model.num_classes:
         model, variables = replace_head(model, variables, num_classes, jax.random.key(0) if rng is None else rng)
     return model, variables
+
+
+def weights_identity(path: str | os.PathLike) -> str:
+    """``sha256:<16 hex>`` of a weights checkpoint's content (a file, or every file of an Orbax directory).
+
+    A training run started from it records this (``flax-resnet train --init``):
+    the content, not the name or modification time, so a file rewritten
+    with other weights is another run and a copied or touched one is not.
+    """
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for f in files:
+        digest.update(os.path.relpath(f, path).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
