@@ -11,7 +11,7 @@ center crop). Run::
 
 Prints one JSON line after evaluating. Needs ``pip install 'flax-resnet[data]'``.
 """
-# example-test: --size 16 --steps 3 --batch-size 8 --arch resnet10t
+# example-test: slow --size 16 --steps 3 --batch-size 8 --arch resnet10t
 
 from __future__ import annotations
 
