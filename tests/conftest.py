@@ -51,6 +51,7 @@ SLOW = (
     "tests/test_training_multidevice.py::test_two_processes_with_jax_distributed_equal_one_device",
     "tests/test_readme.py::test_readme_block_runs_as_written[training-*]",
     "tests/test_readme.py::test_readme_block_runs_as_written[nnx-*]",
+    "tests/test_readme.py::test_readme_block_runs_as_written[fine-tune-*]",
 )
 
 
