@@ -201,11 +201,11 @@ def _load_data(args, in_ch):
     )
 
 
-def _fit_head(model, variables, num_classes: int, rng):
+def _fit_head(model, variables, num_classes: int, rng, in_channels: int):
     from flax_resnet import training
 
-    if variables is None:
-        return model.clone(num_classes=num_classes), None
+    if variables is None:  # a fresh model takes the data's channels (digits: 1)
+        return model.clone(num_classes=num_classes, in_channels=in_channels), None
     if model.num_classes != num_classes:
         return training.replace_head(model, variables, num_classes, rng)
     return model, variables
@@ -414,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
     ds = _load_data(args, in_ch)
     if args.batch_size > len(ds.train_labels):
         raise _usage(f"--batch-size {args.batch_size} exceeds the {len(ds.train_labels)} training images")
-    model, variables = _fit_head(model, variables, ds.num_classes, head_rng)
+    model, variables = _fit_head(model, variables, ds.num_classes, head_rng, ds.image_shape[-1])
     if args.workdir is None:
         args.workdir = os.path.join("runs", f"{model.spec.name}-{ds.name}")
         if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):

@@ -9,8 +9,8 @@ Every comparison is relative to a float64 torch run of the same model:
   run, channels_last, and one thread on CPU or cuDNN autotuning on CUDA) and,
   for the train-mode points (train, grad, steps), ``SENSITIVITY_RUNS``
   float64 runs whose weights, inputs and every conv/BN/linear output are
-  moved by up to one fp32 ulp (``torch_side._rounding_noise``). The latter measure each tensor's fp32
-  *sensitivity* directly: where small batches make train-mode BatchNorm
+  moved by up to 4 fp32 ulps (``torch_side._rounding_noise``). The latter
+  measure each tensor's fp32 *sensitivity* directly: where small batches make train-mode BatchNorm
   ill-conditioned (batch 1-2, a 2x2 layer4), rounding at fp32 level moves
   its gradients by 1e-3 and more, and the tolerance knows it; where the
   computation is well-conditioned it stays at ~1e-6. ``python -m

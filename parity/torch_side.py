@@ -125,8 +125,8 @@ def _torch_variant(variant: str) -> Iterator[None]:
 def _rounding_noise(model: torch.nn.Module, rel: float, seed: int) -> Iterator[None]:
     """A float64 ``model`` whose weights, BN statistics and every conv/BN/linear output carry rounding-level noise.
 
-    Each value is multiplied by ``1 + rel * U(-1, 1)`` (``rel = 2**-23``: one
-    fp32 ulp): a float64 execution as unsure of every number as an fp32 one,
+    Each value is multiplied by ``1 + rel * U(-1, 1)`` (``FP32_ULP``: 4 fp32
+    ulps): a float64 execution as unsure of every number as an fp32 one,
     so its distance from the exact float64 run is the fp32 *sensitivity* of
     each tensor (what ill-conditioned BatchNorm at small batches amplifies),
     measured rather than assumed. Restores the weights and removes the hooks.
