@@ -105,9 +105,9 @@ class ResNet(nn.Module):
         return get_arch(self.arch)
 
     @classmethod
-    def from_config(cls, config: ModelConfig, *, axis_name: str | None = None) -> "ResNet":
-        """The model ``config`` describes (``flax_resnet.build(config)``)."""
-        return cls(**model_kwargs(config), axis_name=axis_name)
+    def from_config(cls, config: ModelConfig, *, axis_name: str | None = None, **backbone: Any) -> "ResNet":
+        """The model ``config`` describes (``flax_resnet.build(config)``); ``backbone``: ``features_only``, ``out_indices``."""
+        return cls(**model_kwargs(config), axis_name=axis_name, **backbone)
 
     def conv_def(self) -> ModuleDef:
         """The conv factory every layer uses."""

@@ -105,7 +105,7 @@ def test_out_indices_select_maps_and_drop_the_rest():
     model = flax_resnet.resnet18(features_only=True, out_indices=(1, 3))
     v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
     assert sorted(v["params"]) == ["bn1", "conv1", "layer1", "layer2", "layer3"]
-    maps = jax.eval_shape(lambda: model.apply(v, x))
+    maps = jax.eval_shape(model.apply, v, x)
     assert [m.shape for m in maps] == [(2, 16, 16, 64), (2, 4, 4, 256)]
     full = flax_resnet.resnetrs50(features_only=True)  # every stride: 2 (act1, before the conv stem pool), 4, 8, 16, 32
     maps = jax.eval_shape(lambda: full.apply(full.init(jax.random.key(0), x), x))

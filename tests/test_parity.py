@@ -297,17 +297,19 @@ def test_fp32_gradient_rule_catches_a_batchnorm_backward_bug(monkeypatch):
 def test_kink_matching_moves_only_relu_inputs_within_rounding_of_zero():
     """The float64 gradient reference takes the other run's side of a ReLU only within ``KINK_BAND`` of zero."""
     import copy
+    import functools
 
     import torch
 
     model = copy.deepcopy(ref(*BUG_MODEL)).double().train()
     x = torch.from_numpy(x_(2, 3, 32, 32)).double()
     inputs, parents = [], []  # every ReLU call's input, and the module that owns that nn.ReLU
-    hooks = [
-        m.register_forward_hook(lambda m, i, o, p=name.rpartition(".")[0]: (inputs.append(i[0].detach().clone()), parents.append(p)))
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.ReLU)
-    ]
+
+    def record(parent, m, i, o):
+        inputs.append(i[0].detach().clone())
+        parents.append(parent)
+
+    hooks = [m.register_forward_hook(functools.partial(record, name.rpartition(".")[0])) for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]
     with torch.no_grad():
         model(x)
     for h in hooks:

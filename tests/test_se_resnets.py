@@ -205,3 +205,17 @@ def test_from_pretrained_timm_seresnext_through_the_hf_cache(tmp_path, monkeypat
     want = torch_to_flax(sd)
     assert jax.tree.structure(v) == jax.tree.structure(want)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(want)))
+
+
+def test_batchnorm_fold_covers_the_stem_pool_conv_and_keeps_se_biases():
+    """``inference.fold`` pairs come from ``archs.conv_bn_pairs``: ``maxpool.0``/``maxpool.1`` fold, SE's fc1/fc2 keep their biases (float64)."""
+    from flax_resnet import inference
+
+    torch_model = reference_model("resnetrs50", num_classes=5, calibrate_size=33).double()
+    with jax.enable_x64(True):
+        model, v = flax_resnet.from_torch(torch_model.state_dict())
+        fm, fv = inference.fold(model, v)
+        assert sorted(fv["params"]["maxpool"]) == ["0"] and np.array_equal(fv["params"]["layer1"]["0"]["se"]["fc1"]["bias"], v["params"]["layer1"]["0"]["se"]["fc1"]["bias"])
+        x = np.random.default_rng(0).normal(size=(2, 33, 33, 3))
+        a, b = np.asarray(jax.jit(model.apply)(v, x)), np.asarray(jax.jit(fm.apply)(fv, x))
+    assert np.max(np.abs(a - b)) <= 1e-12 * np.max(np.abs(a))

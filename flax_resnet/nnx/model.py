@@ -137,9 +137,9 @@ class ResNet(nnx.Module):
         )
 
     @classmethod
-    def from_config(cls, config: ModelConfig, *, rngs: nnx.Rngs | None = None, axis_name: str | None = None) -> "ResNet":
-        """The model ``config`` describes (``flax_resnet.build(config, api="nnx")``); ``rngs`` default ``nnx.Rngs(0)``."""
-        return cls(**model_kwargs(config), axis_name=axis_name, rngs=nnx.Rngs(0) if rngs is None else rngs)
+    def from_config(cls, config: ModelConfig, *, rngs: nnx.Rngs | None = None, axis_name: str | None = None, **backbone: Any) -> "ResNet":
+        """The model ``config`` describes (``flax_resnet.build(config, api="nnx")``); ``rngs`` default ``nnx.Rngs(0)``; ``backbone``: ``features_only``, ``out_indices``."""
+        return cls(**model_kwargs(config), axis_name=axis_name, rngs=nnx.Rngs(0) if rngs is None else rngs, **backbone)
 
     def _forward(self, x: jax.Array, blocks: bool, last_stage: int = 4) -> dict[str, jax.Array]:
         """Every point in order: ``act1``, ``stem``, [blocks], ``layer1``..``layer{last_stage}``, then (all 4 stages) ``pre_logits``, ``logits``."""
