@@ -68,7 +68,7 @@ def test_torch_attribute_names_and_factories():
     # timm's deep stem and avg_down shortcut, as torch's Sequentials.
     d = _abstract("resnet50d")
     assert [d.conv1[i].kernel.shape[-1] for i in (0, 3, 6)] == [32, 32, 64] and d.conv1[1].mean.shape == (32,)
-    assert isinstance(d.layer2[0].downsample[0], frn.model.AvgDown) and d.layer2[0].downsample[1].kernel.shape == (1, 1, 256, 512)
+    assert isinstance(d.layer2[0].downsample[0], frn.blocks.AvgDown) and d.layer2[0].downsample[1].kernel.shape == (1, 1, 256, 512)
     # One factory per row of the family table, with the signature.
     assert all(callable(getattr(frn, name)) for name in ARCHS)
     f = nnx.eval_shape(lambda: frn.resnext50_32x4d(num_classes=7, rngs=nnx.Rngs(1), dtype=jnp.bfloat16, param_dtype=jnp.float32))
