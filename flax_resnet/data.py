@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zipfile
 from typing import Iterator
 
 import numpy as np
+
+from flax_resnet.io import npz
 
 __all__ = [
     "Dataset",
@@ -38,8 +39,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's, for images in [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("dataset", "imagenet", "none")
 MAX_CLASSES = 1_000_000  # a larger head is a label bug, not a dataset
-BOMB_RATIO = 100  # real image arrays deflate by ~2-20x; zeros by ~1000x
-BOMB_MIN_BYTES = 64 * 2**20  # small members may compress as much as they like
 
 
 class DatasetError(ValueError):
@@ -183,46 +182,6 @@ def _available_memory() -> int | None:
     return None
 
 
-def _read_header(fp, version) -> tuple[tuple[int, ...], np.dtype]:
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-    else:
-        raise ValueError(f".npy format version {version} is not supported")
-    return shape, dtype
-
-
-def _declared(path: str, keys: tuple[str, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shapes and dtypes of the ``keys`` arrays of an ``.npz``, from the headers alone (nothing inflated).
-
-    Refuses a member whose declared size does not match its array header,
-    and a large member that deflates over ``BOMB_RATIO`` times its stored size.
-    """
-    out = {}
-    with zipfile.ZipFile(path) as z:
-        members = {i.filename[: -len(".npy")]: i for i in z.infolist() if i.filename.endswith(".npy")}
-        for key in keys:
-            info = members.get(key)
-            if info is None:
-                continue
-            if info.file_size > BOMB_MIN_BYTES and info.file_size > BOMB_RATIO * max(info.compress_size, 1):
-                raise DatasetError(
-                    f"{path}: {key} declares {info.file_size:,} bytes stored in {info.compress_size:,} "
-                    f"(x{info.file_size // max(info.compress_size, 1):,}): refusing a likely deflate bomb"
-                )
-            with z.open(info) as m:
-                shape, dtype = _read_header(m, np.lib.format.read_magic(m))
-                header = m.tell()
-            if dtype.hasobject:
-                raise DatasetError(f"{path}: {key} holds Python objects (dtype {dtype}); save numeric arrays")
-            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-            if header + nbytes != info.file_size:
-                raise DatasetError(f"{path}: {key} declares shape {shape} ({nbytes:,} bytes) but holds {info.file_size - header:,}")
-            out[key] = (tuple(shape), dtype)
-    return out
-
-
 def _first(mask: np.ndarray) -> tuple[int, ...]:
     """Index of the first True of ``mask`` (C order)."""
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
@@ -358,12 +317,7 @@ def load_npz(
     if magic == b"\x93NUMPY":
         raise DatasetError(f"{path} is a single .npy array; a dataset is a .npz with images and labels: np.savez(path, images=x, labels=y)")
     keys = ("images", "labels", "test_images", "test_labels")
-    try:
-        declared = _declared(path, keys)
-    except DatasetError:
-        raise
-    except Exception as e:  # noqa: BLE001 - anything unreadable is bad input
-        raise DatasetError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
+    declared = {k: (m.shape, m.dtype) for k, m in npz.members(path, DatasetError).items() if k in keys}
     missing = [k for k in ("images", "labels") if k not in declared]
     if missing:
         raise DatasetError(f"{path} lacks array(s) {', '.join(missing)}; np.savez(path, images=x, labels=y)")
@@ -378,11 +332,7 @@ def load_npz(
         raise DatasetError(f"{path}: the images need ~{need / 2**30:.1f} GiB as float32, {avail / 2**30:.1f} GiB of memory is available")
 
     def read(key):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                return f[key]
-        except Exception as e:  # noqa: BLE001 - a damaged member (bad CRC, truncation)
-            raise DatasetError(f"{path}: cannot read {key} ({type(e).__name__}: {e})") from None
+        return npz.read(path, key, DatasetError)
 
     x = _images(path, "images", read("images"), channels_first)
     y = _labels(path, "labels", read("labels"), len(x), num_classes)
