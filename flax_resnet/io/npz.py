@@ -78,12 +78,16 @@ def members(path: str | os.PathLike, error: Callable[[str], Exception] = ValueEr
                 if info.file_size > BOMB_MIN_BYTES and info.file_size > BOMB_RATIO * max(info.compress_size, 1):
                     raise error(
                         f"{path}: {info.filename[:-4]} declares {info.file_size:,} bytes stored in {info.compress_size:,} "
-                        f"(x{info.file_size // max(info.compress_size, 1):,}): refusing a likely deflate bomb"
+                        f"(x{info.file_size // max(info.compress_size, 1):,}): a likely deflate bomb, refused before inflating"
                     )
             total = sum(i.file_size for i in infos)
             stored = sum(i.compress_size for i in infos)
             if total > BOMB_MIN_BYTES and total > BOMB_RATIO * max(stored, 1):
-                raise error(f"{path}: declares {total:,} bytes stored in {stored:,} (x{total // max(stored, 1):,}): refusing a likely deflate bomb")
+                big = max(infos, key=lambda i: i.file_size).filename[:-4]
+                raise error(
+                    f"{path}: declares {total:,} bytes ({big!r} the largest) stored in {stored:,} "
+                    f"(x{total // max(stored, 1):,}): a likely deflate bomb, refused before inflating"
+                )
             for info in infos:
                 name = info.filename[: -len(".npy")]
                 with z.open(info) as f:
