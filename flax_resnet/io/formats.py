@@ -28,6 +28,7 @@ from flax_resnet.io.common import (
     check_interrupt,
     flat,
     one_line,
+    parse_json,
     to_numpy_tree,
     tree_depth,
     unflat,
@@ -104,16 +105,41 @@ def torch_keys(raw: Mapping[str, Any], p: Path) -> tuple[dict[str, np.ndarray], 
     return sd, prefix
 
 
+def check_meta(meta: Any, where: str) -> dict:
+    """flax-resnet metadata of any format, the fields the readers use checked (``num_batches_tracked``: ``resolve``).
+
+    Raises:
+        CheckpointError: a field of the wrong type, naming the file and field.
+    """
+    if not isinstance(meta, dict):
+        return {}
+    for key in ("source", "arch", "layout", "dtype", "source_format"):
+        if key in meta and not isinstance(meta[key], str):
+            raise CheckpointError(f"{where}: metadata {key} must be a string, found {one_line(repr(meta[key]), 60)}")
+    if meta.get("source") == "timm" and "arch" in meta:
+        from flax_resnet.archs import ARCHS
+
+        if meta["arch"] not in ARCHS:
+            raise CheckpointError(f"{where}: metadata arch {one_line(repr(meta['arch']), 60)} is not an architecture this library builds")
+    if "stride_in_1x1" in meta and not isinstance(meta["stride_in_1x1"], bool):
+        raise CheckpointError(f"{where}: metadata stride_in_1x1 must be true or false, found {one_line(repr(meta['stride_in_1x1']), 60)}")
+    labels = meta.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
+        raise CheckpointError(f"{where}: metadata labels must be a list of strings, found {one_line(repr(labels), 60)}")
+    return meta
+
+
 def _split_meta(tree: dict, p: Path) -> dict:
     raw = tree.pop(META_KEY, None)
     if raw is None:
         return {}
-    try:
-        raw = raw.item() if isinstance(raw, np.ndarray) else raw
-        meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    except (ValueError, TypeError, AttributeError):
-        raise CheckpointError(f"{p}: unreadable {META_KEY} entry") from None
-    return meta if isinstance(meta, dict) else {}
+    if isinstance(raw, np.ndarray):
+        if raw.size != 1 or raw.dtype.kind not in "SU":
+            raise CheckpointError(f"{p}: unreadable {META_KEY} entry (a {raw.dtype} array of shape {raw.shape}, not a JSON string)")
+        raw = raw.reshape(()).item()
+    if not isinstance(raw, (str, bytes)):
+        raise CheckpointError(f"{p}: unreadable {META_KEY} entry ({type(raw).__name__}, not a JSON string)")
+    return check_meta(parse_json(raw, f"{p}: {META_KEY}"), str(p))
 
 
 def from_flat(tensors: dict[str, np.ndarray], fmt: str, p: Path, meta: dict) -> Checkpoint:
@@ -213,11 +239,8 @@ def _read_safetensors(p: Path) -> Checkpoint:
         raise CheckpointError(f"{p}: corrupt or truncated safetensors file ({one_line(e, 160)})") from None
     meta = {}
     if SAFETENSORS_META_KEY in header:
-        try:
-            meta = json.loads(header[SAFETENSORS_META_KEY])
-        except ValueError:
-            raise CheckpointError(f"{p}: unreadable '{SAFETENSORS_META_KEY}' metadata") from None
-    return from_flat(dict(tensors), "safetensors", p, meta if isinstance(meta, dict) else {})
+        meta = check_meta(parse_json(header[SAFETENSORS_META_KEY], f"{p}: '{SAFETENSORS_META_KEY}' metadata"), str(p))
+    return from_flat(dict(tensors), "safetensors", p, meta)
 
 
 def _read_msgpack(p: Path) -> Checkpoint:
@@ -249,7 +272,7 @@ def _read_pth(p: Path) -> Checkpoint:
 
 def _read_orbax(p: Path) -> Checkpoint:
     item = orbax_item_dir(p)
-    meta = orbax_io.custom_metadata(item, p)
+    meta = check_meta(orbax_io.custom_metadata(item, p), str(p))
     tree = orbax_io.restore_on_host(item)
     _check_depth(tree, p)
     variables, wrapper, extras = find_variables(to_numpy_tree(tree), p)
