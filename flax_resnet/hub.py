@@ -348,5 +348,5 @@ def from_pretrained(name: str | os.PathLike, api: str = "linen", download: bool 
     model, variables = load(info.directory if info.directory is not None else info.path, **load_kwargs)
     if api == "nnx":
         kwargs = {name: getattr(model, name) for name in ("dtype", "precision") if getattr(model, name, None) is not None}
-        return fnnx.from_linen(model.arch, variables, **kwargs)
+        return fnnx.from_linen(model.arch, variables, allow_nonfinite=True, **kwargs)  # load() applied the finite rule
     return model, variables

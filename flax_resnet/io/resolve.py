@@ -289,7 +289,7 @@ def load(
     if api == "nnx":
         from flax_resnet.nnx import from_linen
 
-        return from_linen(cfg.arch, variables, **kwargs)
+        return from_linen(cfg.arch, variables, allow_nonfinite=True, **kwargs)  # resolve() applied the finite rule
     model = ResNet(arch=cfg.arch, num_classes=cfg.num_classes, conv_bias=cfg.conv_bias, **kwargs)
     return model, variables
 

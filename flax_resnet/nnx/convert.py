@@ -21,6 +21,7 @@ from flax_resnet.convert import (
     ConversionError,
     ModelConfig,
     _state_dict_variables,
+    check_finite,
     check_variables,
     flax_to_torch,
     infer_flax_config,
@@ -63,7 +64,7 @@ def to_linen(model: ResNet | nnx.State) -> dict[str, dict]:
     return {c: traverse_util.unflatten_dict(t) for c, t in flat.items()}
 
 
-def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, Any], **model_kwargs: Any) -> ResNet:
+def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, Any], allow_nonfinite: bool = False, **model_kwargs: Any) -> ResNet:
     """An NNX ResNet holding Linen ResNet variables (exactly; the arrays are placed, not changed).
 
     Args:
@@ -77,13 +78,16 @@ def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, A
         **model_kwargs: with an architecture, more ``ResNet`` arguments
             (``dtype``, ``scan_blocks``, ``remat``, ``precision``, ...);
             ``scan_blocks`` defaults to the form of ``variables``.
+        allow_nonfinite: accept NaN/Inf values (refused by default: the one
+            rule of ``flax_resnet.convert.check_finite``).
 
     Returns:
         The model (the same object when one was given), in train mode when
         newly built, like any new NNX ResNet.
 
     Raises:
-        ConversionError: every missing, unexpected and mis-shaped leaf at once.
+        ConversionError: every missing, unexpected and mis-shaped leaf at
+            once; NaN/Inf values.
     """
     target = f"NNX {getattr(model_or_arch, 'arch', getattr(model_or_arch, 'name', model_or_arch))}"
     if not isinstance(variables, Mapping):
@@ -103,6 +107,8 @@ def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, A
     unrolled = unstack_blocks(variables) if is_stacked(variables) else variables
     layout = "seed" if model.conv_bias else "torchvision"
     check_variables(unrolled, ModelConfig(model.arch, layout, model.num_classes, model.in_channels), f"NNX {model.arch}")
+    if not allow_nonfinite:
+        check_finite(traverse_util.flatten_dict(dict(unrolled), sep="/"), f"NNX {model.arch}")
     tree = stack_blocks(unrolled) if model.scan_blocks else unrolled
     flat = {(c, *map(str, p)): v for c in ("params", "batch_stats") for p, v in traverse_util.flatten_dict(dict(tree[c])).items()}
     state = _flat_state(model)
@@ -114,7 +120,15 @@ def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, A
     return model
 
 
-def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: str | None = None, param_dtype: Any = None, scan_blocks: bool = False, **model_kwargs: Any) -> ResNet:
+def from_torch(
+    state_dict: Mapping[str, Any],
+    arch: str | None = None,
+    layout: str | None = None,
+    param_dtype: Any = None,
+    scan_blocks: bool = False,
+    allow_nonfinite: bool = False,
+    **model_kwargs: Any,
+) -> ResNet:
     """The NNX ResNet of a torch state_dict (every layout ``flax_resnet.from_torch`` reads).
 
     Args:
@@ -124,6 +138,8 @@ def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: s
         layout: force the layout (``"torchvision"`` or ``"seed"``).
         param_dtype: cast the weights to this dtype (else the source's).
         scan_blocks: stack each stage's repeated blocks (``nnx.scan``).
+        allow_nonfinite: accept NaN/Inf weights (refused by default, as
+            ``flax_resnet.from_torch`` does).
         **model_kwargs: more ``ResNet`` arguments (``dtype``, ``precision``,
             ``stride_in_1x1``, ``remat``, ...).
 
@@ -134,7 +150,7 @@ def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: s
         ConversionError: every missing key, unexpected key and shape mismatch at once.
     """
     _, cfg, variables = _state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks)
-    return from_linen(cfg.arch, variables, scan_blocks=scan_blocks, **model_kwargs)
+    return from_linen(cfg.arch, variables, allow_nonfinite=allow_nonfinite, scan_blocks=scan_blocks, **model_kwargs)
 
 
 def to_torch(model: ResNet, layout: str = "torchvision", num_batches_tracked: int = 0) -> dict[str, np.ndarray]:

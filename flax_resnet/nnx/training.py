@@ -159,7 +159,7 @@ class TrainStateBridge:
         from flax_resnet.nnx.convert import from_linen
 
         kw = {k: getattr(linen_model, k) for k in ("dtype", "precision", "stride_in_1x1", "scan_blocks", "remat", "bn_momentum", "bn_eps")}
-        self.model = from_linen(linen_model.spec.name, state.variables(), **kw)
+        self.model = from_linen(linen_model.spec.name, state.variables(), allow_nonfinite=True, **kw)  # a training state, not input
         self.optimizer = create_optimizer(self.model, state.tx)
         self.load(state)
 
@@ -167,7 +167,7 @@ class TrainStateBridge:
         """Puts ``state``'s step, params, BatchNorm statistics and optimizer state into the NNX objects."""
         from flax_resnet.nnx.convert import from_linen
 
-        from_linen(self.model, state.variables())
+        from_linen(self.model, state.variables(), allow_nonfinite=True)
         opt = _opt_variables(self.optimizer)
         given = {tuple(_key_name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
         if set(given) != set(opt):
