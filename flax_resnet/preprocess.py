@@ -273,21 +273,58 @@ def apply(image: Any, pp: Preprocess) -> np.ndarray:
     return (x - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
 
 
+class PrecisionWarning(UserWarning):
+    """An image read with less precision than it holds (16-bit images clipped to 8 bits)."""
+
+
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _open(path: str):
+    """``Image.open`` with one-line errors; the size checked against ``MAX_PIXELS`` before any decoding."""
+    Image = pillow()
+    try:
+        img = Image.open(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # PIL.UnidentifiedImageError, DecompressionBombError, ...
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS or w == 0 or h == 0:
+        img.close()
+        raise ValueError(f"{path}: a {h}x{w} image; images of 1 to {MAX_PIXELS:,} pixels are read")
+    return img
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header alone.
+
+    Raises:
+        FileNotFoundError; ValueError: not an image Pillow reads, or over ``MAX_PIXELS``.
+    """
+    with _open(path) as img:
+        return img.size[1], img.size[0]
+
+
 def read_image(path: str, channels: int = 3) -> np.ndarray:
     """An image file as HWC uint8 (RGB, or L for one channel), EXIF rotation not applied (as torchvision's loader).
 
+    As torchvision's PIL loader: RGBA loses its alpha channel, grey is
+    repeated to RGB, and 16-bit images are clipped to 8 bits (a
+    ``PrecisionWarning`` says so).
+
     Raises:
-        FileNotFoundError; ValueError: not an image Pillow can read.
+        FileNotFoundError; ValueError: not an image Pillow can read, or over ``MAX_PIXELS``.
     """
-    Image = pillow()
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            a = np.asarray(img)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+    import warnings
+
+    with _open(path) as img:
+        try:
+            if img.mode in _WIDE_MODES:
+                warnings.warn(f"with more than 8 bits per pixel (first: {path}, mode {img.mode}) were clipped to 8 bits, as torchvision's PIL loader does", PrecisionWarning, stacklevel=2)
+            a = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+        except Exception as e:  # truncated files, decoder errors
+            raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
     return a[..., None] if a.ndim == 2 else a
 
 
