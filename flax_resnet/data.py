@@ -24,6 +24,7 @@ from flax_resnet.io import npz
 __all__ = [
     "Dataset",
     "DatasetError",
+    "DatasetWarning",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "NORMALIZATIONS",
@@ -43,6 +44,10 @@ MAX_CLASSES = 1_000_000  # a larger head is a label bug, not a dataset
 
 class DatasetError(ValueError):
     """A dataset file that cannot be trained on; the message names the file and the array."""
+
+
+class DatasetWarning(UserWarning):
+    """A dataset that trains but cannot be learned whole (a test class never seen in training)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +109,36 @@ def _sklearn():
         raise ModuleNotFoundError("the digits data and seeded data splits need scikit-learn: pip install 'flax-resnet[train]'") from None
 
 
-def _split(images, labels, test_fraction: float, seed: int):
+def _split(images, labels, test_fraction: float, seed: int, where: str = "digits"):
     _sklearn()
     from sklearn.model_selection import train_test_split
 
+    if not 0 < test_fraction < 1:
+        raise DatasetError(f"{where}: test_fraction must be between 0 and 1, got {test_fraction}")
     counts = np.bincount(labels)
     stratify = labels if counts[counts > 0].min() >= 2 else None
+    n_test = int(np.ceil(test_fraction * len(labels)))
+    n_classes = int((counts > 0).sum())
+    if stratify is not None and not n_classes <= n_test <= len(labels) - n_classes:
+        raise DatasetError(
+            f"{where}: a {test_fraction:g} test split of {len(labels)} images holds {n_test} test and {len(labels) - n_test} training images; "
+            f"a stratified split needs at least one per class ({n_classes}) in each: add images or give test_images/test_labels"
+        )
     return train_test_split(images, labels, test_size=test_fraction, random_state=seed, stratify=stratify)
+
+
+def _unseen_test_classes(where: str, y_train: np.ndarray, y_test: np.ndarray) -> None:
+    unseen = np.setdiff1d(y_test, y_train)
+    if unseen.size:
+        import warnings
+
+        i = int(np.argmax(np.isin(y_test, unseen)))
+        warnings.warn(
+            f"{where}: test label {int(y_test[i])} (test_labels[{i}]) and {unseen.size - 1} more class id(s) never occur in training: "
+            "those test images cannot be classified right",
+            DatasetWarning,
+            stacklevel=3,
+        )
 
 
 def _normalization(normalize: str, x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -246,6 +274,9 @@ def _labels(path: str, key: str, y: np.ndarray, n: int, num_classes: int | None)
     if len(y) and (y < 0).any():
         i = _first(y < 0)
         raise DatasetError(f"{path}: {_at(key, i)} = {y[i]}: class ids must be >= 0")
+    if len(y) and (y >= MAX_CLASSES).any():  # before any cast: a uint64 2**63 + 3 would wrap to a small id
+        i = _first(y >= MAX_CLASSES)
+        raise DatasetError(f"{path}: {_at(key, i)} = {y[i]} is not a class id (at most {MAX_CLASSES:,} classes)")
     if num_classes is not None and len(y) and (y >= num_classes).any():
         i = _first(y >= num_classes)
         raise DatasetError(f"{path}: {_at(key, i)} = {y[i]} is not a class id below num_classes {num_classes}")
@@ -335,6 +366,8 @@ def load_npz(
         return npz.read(path, key, DatasetError)
 
     x = _images(path, "images", read("images"), channels_first)
+    if x.min() == x.max():
+        raise DatasetError(f"{path}: every pixel of every image is {x.flat[0]:g}: constant images hold nothing to learn")
     y = _labels(path, "labels", read("labels"), len(x), num_classes)
     labels = {"labels": y}
     if "test_images" in declared:
@@ -359,7 +392,8 @@ def load_npz(
     else:
         if len(x) < 2:
             raise DatasetError(f"{path} needs at least 2 images to split off a test set")
-        x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed)
+        x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed, path)
+    _unseen_test_classes(path, np.asarray(y_train), np.asarray(y_test))
     name = os.path.splitext(os.path.basename(path))[0]
     return _finish(name, x_train, y_train, x_test, y_test, num_classes, normalize)
 

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 from flax_resnet.cli import add_command
@@ -179,15 +180,21 @@ def _load_data(args, in_ch):
 
     if args.dataset == "digits":
         return data.load_digits(size=args.size or 32, channels=in_ch or 1, seed=args.seed, normalize=args.normalize)
-    return data.load_npz(
-        args.dataset,
-        size=args.size,
-        seed=args.seed,
-        num_classes=args.num_classes,
-        channels_first=args.channels_first,
-        channels=in_ch,
-        normalize=args.normalize,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", data.DatasetWarning)
+        ds = data.load_npz(
+            args.dataset,
+            size=args.size,
+            seed=args.seed,
+            num_classes=args.num_classes,
+            channels_first=args.channels_first,
+            channels=in_ch,
+            normalize=args.normalize,
+        )
+    for w in caught:
+        if issubclass(w.category, data.DatasetWarning):
+            _say(f"warning: {w.message}")
+    return ds
 
 
 def _fit_head(model, variables, num_classes: int, rng):
@@ -422,6 +429,8 @@ def run(args: argparse.Namespace) -> int:
               "channels_first": args.channels_first, "size": args.size}
     config.update({k: getattr(args, k) for k in ("batch_size", "seed", "dtype") + RECIPE_KEYS})
     os.makedirs(args.workdir, exist_ok=True)
+    if not os.access(args.workdir, os.W_OK):  # a read-only mount or directory: say so before any checkpoint is tried
+        raise _usage(f"--workdir {args.workdir} is not writable")
     ckpt = training.Checkpointer(os.path.join(args.workdir, "checkpoints"), max_to_keep=args.keep_checkpoints)
     state, start_epoch = _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh)
     metrics_path = os.path.join(args.workdir, "metrics.jsonl")
