@@ -188,7 +188,7 @@ def parse_json(text: str | bytes, where: str, error: type[Exception] = Checkpoin
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates)
     except RecursionError:
-        raise error(f"{where}: JSON nested too deep (more than {MAX_TREE_DEPTH} levels); refused") from None
+        raise error(f"{where}: JSON nested more than {MAX_TREE_DEPTH} levels deep; refused") from None
     except (ValueError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError, duplicate keys
         raise error(f"{where}: unreadable JSON ({type(e).__name__}: {one_line(e, 120)})") from None
     if tree_depth(data) > MAX_TREE_DEPTH:
