@@ -158,7 +158,7 @@ def timm_preset(cfg: dict, source: str) -> Preprocess:
         raise ValueError(f"{source}: timm crop_mode {mode!r} is not supported (only 'center')")
     interp = cfg.get("interpolation", "bilinear")
     interp = "bicubic" if interp == "random" else interp
-    if interp not in _PIL_RESAMPLE:
+    if not isinstance(interp, str) or interp not in _PIL_RESAMPLE:
         raise ValueError(f"{source}: interpolation must be one of {', '.join(INTERPOLATIONS)}, found {interp!r}")
     resize = math.floor(w / crop_pct)
     if resize > MAX_SIDE:
