@@ -1,4 +1,4 @@
-"""README.md runs as written: every ```python and ```bash/```sh block, each in a fresh directory.
+"""README.md and docs/*.md run as written: every ```python and ```bash/```sh block, each in a fresh directory.
 
 Python blocks run with this interpreter in a subprocess, shell blocks with
 ``bash -e -o pipefail``, both with this environment's ``bin/`` first on PATH
@@ -32,14 +32,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 RUN = {"python", "bash", "sh", "shell"}
 KNOWN = RUN | {"text", "console", "json", "toml", "yaml", "diff"}
 DIRECTIVE = re.compile(r"^<!--\s*readme-test:\s*(?P<body>.*?)\s*-->\s*$")
-MAX_SKIPPED = 3
+MAX_SKIPPED = 4
 
 
-def parse(text: str) -> list[dict]:
-    """Fenced blocks of a Markdown text: line, lang, code and the readme-test directives before them."""
+def parse(text: str, name: str = "README.md") -> list[dict]:
+    """Fenced blocks of a Markdown text: file, line, lang, code and the readme-test directives before them."""
     blocks, lines, i = [], text.splitlines(), 0
     while i < len(lines):
         m = re.match(r"^(`{3,})\s*([\w+-]*)\s*$", lines[i])
@@ -57,8 +58,8 @@ def parse(text: str) -> list[dict]:
             body.append(lines[i])
             i += 1
         if i == len(lines):
-            raise ValueError(f"README.md:{start + 1}: unclosed code fence")
-        blocks.append({"line": start + 1, "lang": lang, "code": "\n".join(body) + "\n", "directives": directives})
+            raise ValueError(f"{name}:{start + 1}: unclosed code fence")
+        blocks.append({"file": name, "line": start + 1, "lang": lang, "code": "\n".join(body) + "\n", "directives": directives})
         i += 1
     return blocks
 
@@ -71,22 +72,22 @@ def _prepare(block: dict) -> tuple[str, str | None, list[str]]:
             skip = d[len("skip") :].strip(" :") or ""
         elif d.startswith("replace "):
             old, sep, new = d[len("replace ") :].partition(" => ")
-            assert sep, f"README.md:{block['line']}: 'replace OLD => NEW' expected, got {d!r}"
-            assert old in code, f"README.md:{block['line']}: replace target {old!r} is not in the block"
+            assert sep, f"{block.get('file', 'README.md')}:{block['line']}: 'replace OLD => NEW' expected, got {d!r}"
+            assert old in code, f"{block.get('file', 'README.md')}:{block['line']}: replace target {old!r} is not in the block"
             code = code.replace(old, new)
         elif d.startswith("torch-hub-cache "):
             cache.append(d.split()[1])
         else:
-            raise AssertionError(f"README.md:{block['line']}: unknown readme-test directive {d!r}")
+            raise AssertionError(f"{block.get('file', 'README.md')}:{block['line']}: unknown readme-test directive {d!r}")
     return code, skip, cache
 
 
-BLOCKS = parse(README.read_text(encoding="utf-8"))
+BLOCKS = [b for doc in DOCS for b in parse(doc.read_text(encoding="utf-8"), str(doc.relative_to(ROOT)))]
 RUNNABLE = [b for b in BLOCKS if b["lang"] in RUN]
 
 
 def test_every_fence_names_a_known_language():
-    bad = [f"README.md:{b['line']} ({b['lang'] or 'none'})" for b in BLOCKS if b["lang"] not in KNOWN]
+    bad = [f"{b['file']}:{b['line']} ({b['lang'] or 'none'})" for b in BLOCKS if b["lang"] not in KNOWN]
     assert not bad, f"fences without a known language: {bad}; use ```text for synopses"
     assert len(RUNNABLE) >= 8
 
@@ -133,11 +134,11 @@ def jax_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("jax-cache")
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=[f"L{b['line']}-{b['lang']}" for b in RUNNABLE])
+@pytest.mark.parametrize("block", RUNNABLE, ids=[f"{Path(b['file']).stem}-L{b['line']}-{b['lang']}" for b in RUNNABLE])
 def test_readme_block_runs_as_written(block, tmp_path, jax_cache):
     code, skip, cache = _prepare(block)
     if skip is not None:
-        pytest.skip(f"README.md:{block['line']}: {skip}")
+        pytest.skip(f"{block['file']}:{block['line']}: {skip}")
     work = tmp_path / "work"
     work.mkdir()
     kind = "python" if block["lang"] == "python" else "bash"
@@ -160,6 +161,15 @@ def test_readme_block_runs_as_written(block, tmp_path, jax_cache):
     while True:
         runs += 1
         r = _run(kind, script, work, env)
-        assert r.returncode == 0, f"README.md:{block['line']} ({kind}, run {runs}) exited {r.returncode}\n--- code\n{code}--- stdout\n{r.stdout[-3000:]}--- stderr\n{r.stderr[-3000:]}"
+        assert r.returncode == 0, f"{block['file']}:{block['line']} ({kind}, run {runs}) exited {r.returncode}\n--- code\n{code}--- stdout\n{r.stdout[-3000:]}--- stderr\n{r.stderr[-3000:]}"
         if runs == 2 or not any(work.iterdir()):
             break
+
+
+def test_readme_links_every_docs_page_and_stays_short():
+    text = README.read_text(encoding="utf-8")
+    pages = [p.name for p in DOCS[1:]]
+    assert pages, "docs/ holds no pages"
+    missing = [name for name in pages if f"(docs/{name})" not in text]
+    assert not missing, f"README.md does not link {missing}"
+    assert len(text.splitlines()) <= 250, "README.md: keep it short; move detail into docs/"
