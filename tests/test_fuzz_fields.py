@@ -12,6 +12,7 @@ escaping is a reader that did not check a field.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import tempfile
 import zipfile
@@ -34,7 +35,9 @@ from hostile_util import random_state_dict  # noqa: E402
 from test_hostile_modeldir import PROC, TIMM, TRANSFORMERS  # noqa: E402
 
 LOAD_ERRORS = (CheckpointError, ConversionError, FileNotFoundError)  # flax_resnet.load, hub.resolve, io.read
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 30)), deadline=None, suppress_health_check=list(HealthCheck), derandomize=not __import__("os").environ.get("FUZZ_EXAMPLES"))
+# FUZZ_EXAMPLES=300 for a longer, randomized search; the default run is 30 derandomized examples per reader.
+SETTINGS = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 30)), deadline=None, suppress_health_check=list(HealthCheck),
+                    derandomize="FUZZ_EXAMPLES" not in os.environ)
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True),

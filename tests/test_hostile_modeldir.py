@@ -46,7 +46,8 @@ def weights(tmp_path_factory):
 def make_dir(root, weights, kind, config=None, proc=None, raw=None):
     d = root / kind
     d.mkdir(exist_ok=True)
-    os.link(weights / ("timm.safetensors" if kind == "timm" else "hf.safetensors"), d / "model.safetensors") if not (d / "model.safetensors").exists() else None
+    if not (d / "model.safetensors").exists():
+        os.link(weights / ("timm.safetensors" if kind == "timm" else "hf.safetensors"), d / "model.safetensors")
     (d / "config.json").write_text(raw if raw is not None else json.dumps(config if config is not None else (TIMM if kind == "timm" else TRANSFORMERS)))
     if kind == "transformers":
         (d / "preprocessor_config.json").write_text(json.dumps(proc if proc is not None else PROC))
