@@ -252,6 +252,9 @@ def _preprocess(args, info, channels: int) -> pp.Preprocess:
         changes["resize"] = args.resize or None
     if args.crop is not None:
         changes["crop"] = args.crop or None
+    if base.warp is not None and ("resize" in changes or "crop" in changes):  # the user's resize/crop replace the warp
+        changes.setdefault("resize", None)
+        changes["warp"] = None
     if args.interpolation is not None:
         changes["interpolation"] = args.interpolation
     for name in ("mean", "std"):
