@@ -16,14 +16,17 @@ from flax_resnet.convert import ModelConfig, leaves
 ROOT = Path(__file__).resolve().parents[1]
 RSS_LIMIT_KB = 1024 * 1024  # 1 GiB: the issue's bound on predict/convert of small hostile files
 
+# VmHWM (this process's own peak RSS): getrusage's ru_maxrss would carry over the forked test runner's across exec.
 _MEASURED = """\
-import os, resource, sys
+import os, sys
 from flax_resnet import cli
 try:
     rc = cli.main(sys.argv[1:])
 finally:
+    with open("/proc/self/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
     with open(os.environ["RSS_OUT"], "w") as f:
-        f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+        f.write(kb)
 sys.exit(rc)
 """
 

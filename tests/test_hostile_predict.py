@@ -127,6 +127,7 @@ def test_absurd_aspect_ratio_is_refused_in_bounded_memory(w, tmp_path):
     Image.fromarray(np.full((1, 16000, 3), 128, np.uint8)).save(tmp_path / "strip.png")
     rc, out, err, kb = run_measured(tmp_path, "predict", tmp_path / "strip.png", "--weights", w)
     assert_one_line(rc, out, err, 2, "strip.png: a 1x16000 image (aspect ratio 16000:1)", "256x4096000", "crop it first")
+    print(f"predict on a 1 x 16000 PNG: peak RSS {kb / 1024:.0f} MiB")
     assert 0 < kb < RSS_LIMIT_KB, kb
 
 
@@ -148,6 +149,7 @@ def test_npz_declaring_a_mass_of_images_is_capped_in_bounded_memory(w, tmp_path)
     assert path.stat().st_size < 1e6
     rc, out, err, kb = run_measured(tmp_path, "predict", path, "--weights", w)
     assert_one_line(rc, out, err, 2, "mass.npz: images declares 301,056,128 bytes stored in", "refused before inflating")
+    print(f"predict on a {path.stat().st_size:,}-byte .npz declaring 2000 x 224 x 224 x 3: peak RSS {kb / 1024:.0f} MiB")
     assert 0 < kb < RSS_LIMIT_KB, kb
 
 

@@ -94,7 +94,7 @@ def members(path: str | os.PathLike, error: Callable[[str], Exception] = ValueEr
                     shape, fortran, dtype = _header(f)
                     offset = f.tell()
                 if dtype.hasobject:
-                    raise error(f"{path}: {name} holds Python objects (dtype {dtype}); only numeric arrays are read")
+                    raise error(f"{path}: {name} holds Python objects (dtype {dtype}): unsafe, only numeric arrays are read")
                 nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
                 if offset + nbytes != info.file_size:
                     raise error(f"{path}: {name} declares shape {tuple(shape)} ({nbytes:,} bytes of {dtype}) but holds {info.file_size - offset:,}")
