@@ -213,14 +213,15 @@ def test_rgba_grey_and_16_bit_images(w, tmp_path, capsys):
 # ----------------------------------------------------------------- many files
 
 
-def _many(tmp_path, capsys, w, n, measure):
+def _many(tmp_path, capsys, w, n, measure, side=32):
     d = tmp_path / "many"
     d.mkdir()
     rng = np.random.default_rng(0)
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / f"{i:05d}.png")
     files = sorted(d.iterdir())
-    argv = ["predict", *files, "--weights", w, *SMALL, "--batch-size", 16, "--json"]
+    small = ("--resize", side, "--crop", side, "--top-k", 3)
+    argv = ["predict", *files, "--weights", w, *small, "--batch-size", 16, "--json"]
     if measure:
         rc, out, err, kb = run_measured(tmp_path, *argv)
     else:
@@ -231,7 +232,7 @@ def _many(tmp_path, capsys, w, n, measure):
     assert [r["image"] for r in results] == list(map(str, files))
     # the same numbers as a run on a few of them alone (other batches, other padding)
     few = [0, 1, n - 1]
-    alone = _json(capsys, *(files[i] for i in few), "--weights", w, *SMALL)["results"]
+    alone = _json(capsys, *(files[i] for i in few), "--weights", w, *small)["results"]
     for i, a in zip(few, alone):
         assert [t["class"] for t in results[i]["top"]] == [t["class"] for t in a["top"]]
         np.testing.assert_allclose([t["prob"] for t in results[i]["top"]], [t["prob"] for t in a["top"]], rtol=1e-4)
@@ -249,7 +250,7 @@ def test_predict_on_1000_tiny_files(w, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_predict_on_10000_tiny_files_in_bounded_memory(w, tmp_path, capsys):
-    results, kb = _many(tmp_path, capsys, w, 10_000, measure=True)
+    results, kb = _many(tmp_path, capsys, w, 10_000, measure=True, side=16)
     print(f"predict on 10,000 files: peak RSS {kb / 1024:.0f} MiB")
     assert len(results) == 10_000 and 0 < kb < RSS_LIMIT_KB, kb
 
