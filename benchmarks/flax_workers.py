@@ -10,7 +10,7 @@ from benchmarks.common import IMAGE, _images, _median_time, _round_robin, _state
 
 
 def _flax_model(arch: str, dtype: str, variant: str, kind: str):
-    """The default model with converted weights; eval ``fast``: BatchNorm folded (``inference.fast_eval_model``)."""
+    """The default model with converted weights; eval ``fast``: BatchNorm folded (``inference.fold``)."""
     import jax
     import jax.numpy as jnp
 
@@ -22,7 +22,7 @@ def _flax_model(arch: str, dtype: str, variant: str, kind: str):
     if dtype == "bf16":
         model = model.clone(dtype=jnp.bfloat16)
     if "fast" in variant and kind == "eval":
-        model, variables = inference.fast_eval_model(model, variables)
+        model, variables = inference.fold(model, variables)
     return model, jax.device_put(variables)
 
 

@@ -16,7 +16,7 @@ competed for the CPU are flagged with * in the table.
 Sections (``--sections``):
 
 * ``eval``: forward img/s, Flax ``jit`` (and the BatchNorm-folded inference
-  model, ``flax_resnet.inference.fast_eval_model``) against torch eager NCHW and
+  model, ``flax_resnet.inference.fold``) against torch eager NCHW and
   channels_last, and ``torch.compile``; ratio against torch's best eager
   layout.
 * ``train``: train step img/s (forward, backward, SGD momentum update,

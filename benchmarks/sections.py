@@ -49,7 +49,7 @@ TRAIN_HEAD = [h.replace("Flax fast", "Flax plain XLA").replace("fast/", "plain/"
 def section_eval(r: Runner, args) -> str:
     rows = _speed_rows(r, args, "eval", args.batches)
     note = (
-        f"Flax jit = `jax.jit(model.apply)` of the default model. Flax fast = `inference.fast_eval_model` (BN folded into the convs) "
+        f"Flax jit = `jax.jit(model.apply)` of the default model. Flax fast = `inference.fold` (BN folded into the convs) "
         f"run by `inference.predict_fn(chunk={args.chunk})`. torch.compile runs channels_last. "
         "Ratios are against torch's best eager layout (and torch.compile). RSS: Flax process (both variants) / torch eager process (both layouts) / torch.compile process."
     )

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from flax_resnet.archs import ARCHS, PARAM_COUNTS, TIMM_PARAM_COUNTS, TORCHVISION_PARAM_COUNTS, ArchSpec, get_arch
+from flax_resnet.config import ModelConfig
 
 __version__ = "0.1.0"
 
@@ -21,8 +22,11 @@ _LAZY = {
     "read_state_dict": "flax_resnet.io",
     "save": "flax_resnet.io",
     "from_pretrained": "flax_resnet.hub",
+    "list_models": "flax_resnet.catalog",
+    "list_pretrained": "flax_resnet.catalog",
+    "build": "flax_resnet.builder",
+    "model_config": "flax_resnet.builder",
     "ConversionError": "flax_resnet.convert",
-    "ModelConfig": "flax_resnet.convert",
     "check_variables": "flax_resnet.convert",
     "flax_to_torch": "flax_resnet.convert",
     "from_torch": "flax_resnet.convert",
@@ -33,7 +37,7 @@ _LAZY = {
     **{name: "flax_resnet.model" for name in ARCHS},
 }
 
-__all__ = ["ARCHS", "PARAM_COUNTS", "TIMM_PARAM_COUNTS", "TORCHVISION_PARAM_COUNTS", "ArchSpec", "get_arch", *_LAZY]
+__all__ = ["ARCHS", "PARAM_COUNTS", "TIMM_PARAM_COUNTS", "TORCHVISION_PARAM_COUNTS", "ArchSpec", "ModelConfig", "get_arch", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -35,6 +35,7 @@ names the same modules differently; ``transformers_name`` maps them
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from typing import Callable, Iterator
 
@@ -204,6 +205,13 @@ TIMM_PARAM_COUNTS = {
 PARAM_COUNTS = {**TORCHVISION_PARAM_COUNTS, **TIMM_PARAM_COUNTS}
 
 
+def did_you_mean(name: str, choices) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` (case-insensitive), else ``""``."""
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.75)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
+
+
 def get_arch(name: str | ArchSpec) -> ArchSpec:
     """Looks up an architecture by name; raises ValueError naming the choices."""
     if isinstance(name, ArchSpec):
@@ -211,7 +219,8 @@ def get_arch(name: str | ArchSpec) -> ArchSpec:
     try:
         return ARCHS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}") from None
+        hint = did_you_mean(name, ARCHS) if isinstance(name, str) else ""
+        raise ValueError(f"unknown architecture {name!r}{hint or '; choose one of ' + ', '.join(ARCHS)}") from None
 
 
 def named_factory(make: Callable, name: str, doc: str) -> Callable:

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from flax_resnet import __version__
+
 SUBCOMMANDS = ("parity.cli", "flax_resnet.io_cli", "flax_resnet.train_cli", "flax_resnet.predict")
 
 # The torch this project is built and tested against (the README's set-up pins it; any torch >= 2.1 reads files).
@@ -50,8 +52,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flax_resnet import __version__
-
     # Subparsers inherit the parser class, so every subcommand reports errors the same way.
     parser = _Parser(
         prog="flax-resnet",

@@ -17,24 +17,25 @@ from flax import traverse_util
 
 from flax_resnet import archs
 from flax_resnet.archs import ARCHS, check_layout, get_arch
+from flax_resnet.config import ModelConfig, dtype_of, split_settings
+from flax_resnet.model import ResNet
 
 # Re-exported: the mapping, the validator and the stacked-tree helpers are part of this module's API.
 from flax_resnet.mapping import (  # noqa: F401
     CONV_KERNEL,
     DENSE_KERNEL,
+    FLAX_TO_TORCH_LEAF,
     IDENTITY,
     IGNORED_BN_LEAVES,
     PREFIXES,
     RULES,
     TRANSFORMERS_BASE,
     Leaf,
-    ModelConfig,
     Transform,
     _materialize,
     _to_flax_copy,
     _to_torch_copy,
     bn_prefixes,
-    conv_bn_pairs,
     leaves,
     modules,
 )
@@ -42,10 +43,10 @@ from flax_resnet.stacking import SCAN_NAME, is_stacked, stack_blocks, unstack_bl
 from flax_resnet.validate import (  # noqa: F401
     ConversionError,
     _check_float_dtype,
-    _is_float,
     check_finite,
     check_state_dict,
     check_variables,
+    is_float,
     nonfinite,
 )
 
@@ -74,7 +75,7 @@ def _to_numpy(key: str, value: Any) -> np.ndarray:
     if isinstance(value, (str, bytes, Mapping)) or value is None:
         raise ConversionError("a ResNet", other=[f"{key} is a {type(value).__name__}, not a tensor"])
     a = np.asarray(value)
-    if not (np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.bool_) or _is_float(a.dtype)):
+    if not (np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.bool_) or is_float(a.dtype)):
         raise ConversionError("a ResNet", other=[f"{key} has dtype {a.dtype}, not a numeric tensor"])
     return a
 
@@ -226,7 +227,11 @@ def torch_to_flax(
     """
     _check_float_dtype(dtype)
     sd = normalize_state_dict(state_dict)
-    cfg = infer_config(sd, arch, layout)
+    return _convert(sd, infer_config(sd, arch, layout), dtype, scan_blocks)
+
+
+def _convert(sd: Mapping[str, np.ndarray], cfg: ModelConfig, dtype: Any, scan_blocks: bool) -> dict[str, dict]:
+    """``torch_to_flax`` of a normalized state_dict whose config is known."""
     check_state_dict(sd, cfg)
     mapping = leaves(cfg)
     values = _materialize([(lambda leaf=leaf: _to_flax_copy(leaf, sd[leaf.torch_key], dtype), sd[leaf.torch_key].nbytes) for leaf in mapping])
@@ -239,11 +244,25 @@ def torch_to_flax(
     return stack_blocks(variables) if scan_blocks else variables
 
 
-def _state_dict_variables(state_dict: Mapping[str, Any], arch: str | None, layout: str | None, dtype: Any, scan_blocks: bool):
-    """``(state_dict, config, variables)``: the normalized state_dict, its ``infer_config`` and ``torch_to_flax`` (each front end's ``from_torch``)."""
+def state_dict_variables(
+    state_dict: Mapping[str, Any], arch: str | None = None, layout: str | None = None, param_dtype: Any = None, scan_blocks: bool = False,
+    allow_nonfinite: bool = False, **settings: Any,
+) -> tuple[ModelConfig, dict]:
+    """``(config, variables)`` of a torch state_dict: what each front end's ``from_torch`` builds from.
+
+    The state_dict is normalized and its config inferred once; ``settings``
+    (``ModelConfig`` fields: ``dtype``, ``precision``, ``stride_in_1x1``, ...)
+    complete the config.
+    """
+    _check_float_dtype(param_dtype)
     sd = normalize_state_dict(state_dict)
     cfg = infer_config(sd, arch, layout)
-    return sd, cfg, torch_to_flax(sd, cfg.arch, cfg.layout, dtype=dtype, scan_blocks=scan_blocks)
+    variables = _convert(sd, cfg, param_dtype, scan_blocks)
+    if not allow_nonfinite:
+        check_finite({leaf.torch_key: sd[leaf.torch_key] for leaf in leaves(cfg)}, "Flax variables")
+    dtype = dtype_of(variables)
+    cfg = cfg.replace(**({"param_dtype": dtype} if dtype else {}), scan_blocks=scan_blocks, **settings)
+    return cfg, variables
 
 
 def from_torch(
@@ -266,33 +285,24 @@ def from_torch(
             stacked variables.
         allow_nonfinite: accept NaN/Inf weights (refused by default, as
             ``load`` and ``flax-resnet convert`` refuse them).
-        **model_kwargs: more ``ResNet`` attributes (``dtype``, ``precision``,
-            ``stride_in_1x1``, ``axis_name``, ``remat``, ...).
+        **model_kwargs: more ``ModelConfig`` fields (``dtype``, ``precision``,
+            ``stride_in_1x1``, ``remat``, ...) and ``axis_name``.
 
     Returns:
-        ``(model, variables)``; the variables own their memory.
+        ``(model, variables)``; the variables own their memory and
+        ``flax_resnet.model_config(model)`` is the inferred config.
 
     Raises:
         ConversionError: the state_dict does not fit (every problem at once),
             holds NaN/Inf, or ``param_dtype`` is not floating.
     """
-    from flax_resnet.model import ResNet
-
-    _check_float_dtype(param_dtype)
-    sd, cfg, variables = _state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks)
-    if not allow_nonfinite:
-        check_finite({leaf.torch_key: sd[leaf.torch_key] for leaf in leaves(cfg)}, "Flax variables")
-    kwargs = dict(param_dtype=param_dtype) if param_dtype is not None else {}
-    kwargs.update(model_kwargs)
-    model = ResNet(arch=cfg.arch, num_classes=cfg.num_classes, conv_bias=cfg.conv_bias, scan_blocks=scan_blocks, **kwargs)
-    return model, variables
+    settings, runtime = split_settings(model_kwargs)
+    cfg, variables = state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks, allow_nonfinite, **settings)
+    return ResNet.from_config(cfg, **runtime), variables
 
 
 # ---------------------------------------------------------------------------
 # Flax -> torch
-
-
-_FLAX_TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
 def infer_flax_config(variables: Mapping[str, Any], layout: str = "torchvision") -> tuple[ModelConfig, bool]:
@@ -308,10 +318,10 @@ def infer_flax_config(variables: Mapping[str, Any], layout: str = "torchvision")
         raise ConversionError("torch", other=["not Flax ResNet variables (need params/conv1 and params/layer1)"])
     as_torch = {}
     for path, v in _flat(params).items():
-        shape = tuple(np.shape(v))
+        a = np.empty(np.shape(v), np.bool_)
         if path[-1] == "kernel":
-            shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-        as_torch[".".join((*path[:-1], _FLAX_TO_TORCH_LEAF.get(path[-1], path[-1])))] = np.empty(shape, np.bool_)
+            a = (CONV_KERNEL if a.ndim == 4 else DENSE_KERNEL).to_torch(a)
+        as_torch[".".join((*path[:-1], FLAX_TO_TORCH_LEAF.get(path[-1], path[-1])))] = a
     cfg = infer_config(as_torch, layout="torchvision")
     stem = params["conv1"]
     has_bias = isinstance(stem, Mapping) and "bias" in stem
@@ -371,9 +381,9 @@ def flax_to_torch(variables: Mapping[str, Any], layout: str = "torchvision", num
                 out[f"{leaf.torch_key.rsplit('.', 1)[0]}.{name}"] = np.array(num_batches_tracked, dtype=np.int64)
     if has_bias and layout != "seed":
         target = {(leaf.collection, *leaf.flax_path): leaf.torch_key for leaf in leaves(cfg)}
-        for conv, bn in conv_bn_pairs(get_arch(cfg.arch)):
-            key = target[("batch_stats", *bn, "mean")]
-            out[key] = out[key] - np.asarray(flat[("params", *conv, "bias")])
+        for conv, bn in archs.conv_bn_pairs(get_arch(cfg.arch)):
+            key = target[("batch_stats", *bn.flax, "mean")]
+            out[key] = out[key] - np.asarray(flat[("params", *conv.flax, "bias")])
     return out
 
 

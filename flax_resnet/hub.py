@@ -22,6 +22,11 @@ standard caches, downloading only when it is not there yet, and loads it with
 * a local path: any file ``flax_resnet.load`` reads, or a Hugging Face model
   directory (``config.json`` next to ``model.safetensors``).
 
+Cached torchvision files are checked against the SHA-256 prefix in their
+names (``check_hash=False`` skips it); without a network a hub id fails at
+once, in one line; ``flax_resnet.catalog`` lists the names
+(``list_models``, ``list_pretrained``) and suggests the nearest for a typo.
+
 ``resolve(name)`` returns where the weights are and what goes with them: the
 class labels where the source has them (``id2label`` / ``label_names`` of a
 ``config.json``, ImageNet's for torchvision's weights) and the evaluation
@@ -30,8 +35,10 @@ preprocessing (``flax_resnet.preprocess``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import urllib.request
@@ -40,65 +47,32 @@ from typing import Any
 
 from flax_resnet import preprocess as pp
 from flax_resnet.archs import ARCHS
+from flax_resnet.builder import check_api
+from flax_resnet.catalog import (  # noqa: F401 - the names' table, also read as hub.TORCHVISION_WEIGHTS, hub.list_pretrained
+    HUB_IDS,
+    TORCHVISION_URL,
+    TORCHVISION_WEIGHTS,
+    TorchvisionWeights,
+    did_you_mean,
+    known_names,
+    list_models,
+    list_pretrained,
+)
+from flax_resnet.io.common import one_line
+from flax_resnet.io.resolve import load
 
-TORCHVISION_URL = "https://download.pytorch.org/models/"
 _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz", ".msgpack")
 
-# torchvision/models/resnet.py: (enum class, arch) -> {tag: (file name, resize_size)}; crop_size is 224 for all.
-_TV = {
-    ("ResNet18_Weights", "resnet18"): {"IMAGENET1K_V1": ("resnet18-f37072fd.pth", 256)},
-    ("ResNet34_Weights", "resnet34"): {"IMAGENET1K_V1": ("resnet34-b627a593.pth", 256)},
-    ("ResNet50_Weights", "resnet50"): {"IMAGENET1K_V1": ("resnet50-0676ba61.pth", 256), "IMAGENET1K_V2": ("resnet50-11ad3fa6.pth", 232)},
-    ("ResNet101_Weights", "resnet101"): {"IMAGENET1K_V1": ("resnet101-63fe2227.pth", 256), "IMAGENET1K_V2": ("resnet101-cd907fc2.pth", 232)},
-    ("ResNet152_Weights", "resnet152"): {"IMAGENET1K_V1": ("resnet152-394f9c45.pth", 256), "IMAGENET1K_V2": ("resnet152-f82ba261.pth", 232)},
-    ("ResNeXt50_32X4D_Weights", "resnext50_32x4d"): {
-        "IMAGENET1K_V1": ("resnext50_32x4d-7cdf4587.pth", 256),
-        "IMAGENET1K_V2": ("resnext50_32x4d-1a0047aa.pth", 232),
-    },
-    ("ResNeXt101_32X8D_Weights", "resnext101_32x8d"): {
-        "IMAGENET1K_V1": ("resnext101_32x8d-8ba56ff5.pth", 256),
-        "IMAGENET1K_V2": ("resnext101_32x8d-110c445d.pth", 232),
-    },
-    ("ResNeXt101_64X4D_Weights", "resnext101_64x4d"): {"IMAGENET1K_V1": ("resnext101_64x4d-173b62eb.pth", 232)},
-    ("Wide_ResNet50_2_Weights", "wide_resnet50_2"): {
-        "IMAGENET1K_V1": ("wide_resnet50_2-95faca4d.pth", 256),
-        "IMAGENET1K_V2": ("wide_resnet50_2-9ba9bcbe.pth", 232),
-    },
-    ("Wide_ResNet101_2_Weights", "wide_resnet101_2"): {
-        "IMAGENET1K_V1": ("wide_resnet101_2-32ee1156.pth", 256),
-        "IMAGENET1K_V2": ("wide_resnet101_2-d733dc28.pth", 232),
-    },
-}
+
+# CLI options for the Python keywords named in this module's messages (``cli_terms``).
+_CLI_TERMS = {"download=False": "--no-download", "check_hash=False": "--no-check-hash"}
 
 
-@dataclasses.dataclass(frozen=True)
-class TorchvisionWeights:
-    """One torchvision weights entry."""
-
-    enum: str  # "ResNet50_Weights.IMAGENET1K_V2"
-    arch: str
-    file: str  # "resnet50-11ad3fa6.pth"
-    resize: int  # resize_size of its eval transform (crop 224)
-
-    @property
-    def url(self) -> str:
-        return TORCHVISION_URL + self.file
-
-
-def _torchvision_names() -> dict[str, TorchvisionWeights]:
-    names: dict[str, TorchvisionWeights] = {}
-    for (cls, arch), tags in _TV.items():
-        for tag, (file, resize) in tags.items():
-            w = TorchvisionWeights(f"{cls}.{tag}", arch, file, resize)
-            timm_tag = "tv_in1k" if tag == "IMAGENET1K_V1" else "tv2_in1k"
-            for key in (w.enum, f"{arch}.{timm_tag}", file):
-                names[key.lower()] = w
-        default = names[f"{cls}.{'IMAGENET1K_V2' if 'IMAGENET1K_V2' in tags else 'IMAGENET1K_V1'}".lower()]
-        names[f"{cls}.DEFAULT".lower()] = names[arch] = default
-    return names
-
-
-TORCHVISION_WEIGHTS = _torchvision_names()
+def cli_terms(message: str) -> str:
+    """A message of this module in the command line's terms (``--no-download`` for ``download=False``, ...)."""
+    for py, cli in _CLI_TERMS.items():
+        message = message.replace(py, cli)
+    return message
 
 
 @dataclasses.dataclass
@@ -145,11 +119,6 @@ def _tilde(p: Path) -> str:
     return "~" + s[len(home) :] if home not in ("", "/") and s.startswith(home + os.sep) else s
 
 
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
 def imagenet_labels() -> tuple[str, ...] | None:
     """ImageNet-1k class names in torchvision's order (``weights.meta["categories"]``), if shipped."""
     path = Path(__file__).with_name("imagenet_classes.txt")
@@ -157,6 +126,12 @@ def imagenet_labels() -> tuple[str, ...] | None:
         return None
     labels = tuple(line for line in path.read_text(encoding="utf-8").splitlines() if line)
     return labels if len(labels) == 1000 else None
+
+
+def hash_prefix(file_name: str) -> str | None:
+    """The SHA-256 prefix torch hub's file names carry (``resnet50-11ad3fa6.pth`` -> ``11ad3fa6``), if any."""
+    m = re.search(r"-([a-f0-9]{6,})\.", file_name)
+    return m.group(1) if m else None
 
 
 def _download(url: str, dest: Path) -> None:
@@ -169,25 +144,60 @@ def _download(url: str, dest: Path) -> None:
             while chunk := r.read(1 << 20):
                 digest.update(chunk)
                 f.write(chunk)
-        m = re.search(r"-([a-f0-9]+)\.", dest.name)
-        if m and not digest.hexdigest().startswith(m.group(1)):
-            raise ValueError(f"SHA-256 {digest.hexdigest()[:16]}... does not start with {m.group(1)}")
+        prefix = hash_prefix(dest.name)
+        if prefix and not digest.hexdigest().startswith(prefix):
+            raise ValueError(f"SHA-256 {digest.hexdigest()[:16]}... does not start with {prefix}")
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def _torchvision(name: str, w: TorchvisionWeights, download: bool) -> Pretrained:
-    path = torch_hub_dir() / w.file
+_HASHED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> SHA-256: each file is read once per process
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
+
+
+def check_file_hash(path: Path, w: TorchvisionWeights) -> None:
+    """Checks a cached torchvision file against the SHA-256 prefix in its name, as torch hub's ``check_hash=True``.
+
+    Raises:
+        ValueError: the file is not torchvision's (a truncated download, or another file under its name).
+    """
+    prefix = hash_prefix(w.file)
+    if prefix is None:
+        return
+    got = _sha256(path)
+    if not got.startswith(prefix):
+        raise ValueError(
+            f"{_tilde(path)}: SHA-256 {got[:12]}... does not start with {prefix}, so it is not torchvision's {w.enum} "
+            f"(a partial download or another file under its name); delete it to download it again, "
+            f"or pass check_hash=False to use it as it is"
+        )
+
+
+def _torchvision(name: str, w: TorchvisionWeights, download: bool, check_hash: bool = True) -> Pretrained:
+    path, url = torch_hub_dir() / w.file, TORCHVISION_URL + w.file
     if not path.is_file():
         where = f"{w.file} ({w.enum}) is not in {_tilde(path.parent)}"
         if not download:
-            raise FileNotFoundError(f"{where} and download=False; fetch {w.url} into it")
+            raise FileNotFoundError(f"{where} and download=False; fetch {url} into it")
         try:
-            _download(w.url, path)
+            _download(url, path)
         except Exception as e:  # URLError, timeouts, HTTP errors, a bad hash
-            raise FileNotFoundError(f"{where} and the download failed: {_one_line(e)}; fetch {w.url} into it") from None
+            raise FileNotFoundError(f"{where} and the download failed: {one_line(e)}; fetch {url} into it") from None
+    elif check_hash:  # a download is checked as it arrives; a cached file here
+        check_file_hash(path, w)
     labels = imagenet_labels()
     return Pretrained(name, "torchvision", path, None, labels, pp.torchvision_preset(w.resize, w.enum))
 
@@ -209,7 +219,46 @@ def _hf_file(repo: str, filename: str, download: bool, revision: str | None) -> 
         if not download and isinstance(e, LocalEntryNotFoundError):
             return None
         cause = e.__cause__ or e.__context__ or e
-        raise FileNotFoundError(f"{repo} is not in the Hugging Face cache {_tilde(hf_cache_dir())} and the download failed: {_one_line(cause)}") from None
+        raise FileNotFoundError(f"{repo} is not in the Hugging Face cache {_tilde(hf_cache_dir())} and the download failed: {one_line(cause)}") from None
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub's own warnings ("Retrying in 1s [Retry 1/5]") held back: a failure is one line, ours."""
+    log = logging.getLogger("huggingface_hub")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _check_reachable(repo: str, revision: str | None) -> None:
+    """One HEAD request for the repo's ``config.json``, without huggingface_hub's retries.
+
+    Without a network, ``hf_hub_download`` retries five times over about 25 s;
+    this fails in well under a second instead. HTTP answers (404, 401, ...)
+    pass: the download that follows reports them.
+
+    Raises:
+        FileNotFoundError: the hub cannot be reached (one line).
+    """
+    import inspect
+
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    no_retry = {"retry_on_errors": False} if "retry_on_errors" in inspect.signature(get_hf_file_metadata).parameters else {}
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "config.json", revision=revision), timeout=10, **no_retry)
+    except HfHubHTTPError:
+        return
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeout, offline mode: no answer from the hub
+        raise FileNotFoundError(
+            f"{repo} is not in the Hugging Face cache {_tilde(hf_cache_dir())} and the hub cannot be reached ({one_line(e, 120)}); "
+            f"put the snapshot there (huggingface-cli download {repo}) or pass a local model directory"
+        ) from None
 
 
 def hf_snapshot(repo: str, download: bool = True, revision: str | None = None) -> Path:
@@ -238,14 +287,23 @@ def hf_snapshot(repo: str, download: bool = True, revision: str | None = None) -
             _hf_file(repo, "preprocessor_config.json", online, revision)
         return config, weights
 
-    config, weights = fetch(False)
-    if (config is None or weights is None) and download:
-        config, weights = fetch(True)
+    with _quiet_hub():
+        config, weights = fetch(False)
+        if (config is None or weights is None) and download:
+            _check_reachable(repo, revision)
+            config, weights = fetch(True)
     if config is None or weights is None:
         missing = "config.json" if config is None else "model.safetensors or pytorch_model.bin"
         how = "download=False (or HF_HUB_OFFLINE=1)" if not download else f"the hub has no {missing} for it"
         raise FileNotFoundError(f"{repo} is not in the Hugging Face cache {_tilde(hf_cache_dir())} ({missing} missing) and {how}")
     return config.parent
+
+
+def _says_imagenet_1k(cfg, name: str) -> bool:
+    """A timm config of 1000 classes whose pretrained tag or hub id ends in ``in1k`` (``a1_in1k``, ``ig1b_ft_in1k``)."""
+    if cfg.num_classes != 1000:
+        return False
+    return any(t.rstrip("/").lower().endswith("in1k") for t in (*cfg.tags, name))
 
 
 def _from_hf_dir(name: str, d: Path) -> Pretrained:
@@ -259,10 +317,13 @@ def _from_hf_dir(name: str, d: Path) -> Pretrained:
     cfg = read_config(d, preprocessing=True, name=name)
     if not any((d / f).is_file() for f in WEIGHT_FILES):
         raise FileNotFoundError(f"{d}: no {' or '.join(WEIGHT_FILES)} next to config.json")
-    return Pretrained(name, cfg.source, d, d, cfg.labels, cfg.preprocess)
+    labels = cfg.labels
+    if cfg.source == "timm" and not labels and _says_imagenet_1k(cfg, str(name)):  # timm's in1k configs carry no names: ImageNet's order
+        labels = imagenet_labels()
+    return Pretrained(name, cfg.source, d, d, labels, cfg.preprocess)
 
 
-def resolve(name: str | os.PathLike, download: bool = True, revision: str | None = None) -> Pretrained:
+def resolve(name: str | os.PathLike, download: bool = True, revision: str | None = None, check_hash: bool = True) -> Pretrained:
     """Finds pretrained weights by name (see the module docstring), downloading only if needed.
 
     Args:
@@ -270,6 +331,9 @@ def resolve(name: str | os.PathLike, download: bool = True, revision: str | None
             a bare timm name, or a local file or model directory.
         download: fetch what is not cached; ``False`` only reads the caches.
         revision: a Hugging Face hub revision (branch, tag or commit).
+        check_hash: check a cached torchvision file named by a torchvision
+            name against the SHA-256 prefix in its file name (as torch hub's
+            ``check_hash=True``; read once per process). A path is taken as it is.
 
     Returns:
         A ``Pretrained``.
@@ -291,7 +355,7 @@ def resolve(name: str | os.PathLike, download: bool = True, revision: str | None
         return Pretrained(raw, "file", p)
     w = TORCHVISION_WEIGHTS.get(key.lower())
     if w is not None:
-        return _torchvision(raw, w, download)
+        return _torchvision(raw, w, download, check_hash)
     if key.startswith(("/", "./", "../", "~")) or key.lower().endswith(_FILE_SUFFIXES):
         raise FileNotFoundError(f"{raw}: no such file or directory")
     repo = key.removeprefix("hf-hub:").removeprefix("hf_hub:")
@@ -299,14 +363,23 @@ def resolve(name: str | os.PathLike, download: bool = True, revision: str | None
         repo = f"timm/{repo}"  # timm's bare names live under timm/ on the hub
     if re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        return _from_hf_dir(raw, hf_snapshot(repo, download and not offline, revision))
+        try:
+            return _from_hf_dir(raw, hf_snapshot(repo, download and not offline, revision))
+        except FileNotFoundError as e:
+            hint = "" if repo in HUB_IDS else did_you_mean(repo, HUB_IDS)
+            if not hint:
+                raise
+            raise FileNotFoundError(f"{e}{hint}") from None
     raise ValueError(
         f"unknown pretrained name {raw!r}: not a file, a torchvision weights name (ResNet50_Weights.IMAGENET1K_V2, "
         f"resnet50-11ad3fa6.pth, resnet50), or a Hugging Face hub id (timm/resnet50.a1_in1k, microsoft/resnet-50)"
+        f"{did_you_mean(key, known_names())}"
     )
 
 
-def from_pretrained(name: str | os.PathLike, api: str = "linen", download: bool = True, revision: str | None = None, **load_kwargs: Any):
+def from_pretrained(
+    name: str | os.PathLike, api: str = "linen", download: bool = True, revision: str | None = None, check_hash: bool = True, **load_kwargs: Any
+):
     """Loads pretrained weights by the name users know, as ``flax_resnet.load`` does a file.
 
     Args:
@@ -316,37 +389,23 @@ def from_pretrained(name: str | os.PathLike, api: str = "linen", download: bool 
         api: ``"linen"`` (``flax_resnet.ResNet`` and its variables) or ``"nnx"``.
         download: fetch what is not cached (``False``: caches only).
         revision: a Hugging Face hub revision.
+        check_hash: check cached torchvision files against the hash in their name (see ``resolve``).
         **load_kwargs: passed to ``flax_resnet.load`` (``dtype``,
             ``param_dtype``, ``layout``, ``arch``, ...).
 
     Returns:
-        ``(model, variables)`` exactly as ``flax_resnet.load(resolve(name).path)``
-        for ``api="linen"``; for ``api="nnx"`` a ``flax_resnet.nnx.ResNet``
-        holding the same arrays (in train mode, like any new NNX or torch
-        model: call ``.eval()`` for inference). Labels and the preprocessing
-        are in ``resolve(name)``.
+        Exactly ``flax_resnet.load(path, api=api, **load_kwargs)`` of the path
+        (or model directory) ``resolve(name)`` finds: ``(model, variables)``
+        for ``api="linen"``, a ``flax_resnet.nnx.ResNet`` (in train mode:
+        call ``.eval()`` for inference) for ``api="nnx"``; the same config
+        either way. Labels and the preprocessing are in ``resolve(name)``.
 
     Raises:
         FileNotFoundError: not cached and not downloadable.
-        NotImplementedError: ``api="nnx"`` where ``flax_resnet.nnx`` is missing.
         ValueError: an unknown name or api; ``ConversionError`` (a
             ``ValueError``) for weights that are not a ResNet this package builds.
     """
-    if api not in ("linen", "nnx"):
-        raise ValueError(f"unknown api {api!r}; choose 'linen' or 'nnx'")
-    if api == "nnx":
-        try:
-            from flax_resnet import nnx as fnnx
-        except ModuleNotFoundError as e:
-            if e.name != "flax_resnet.nnx":
-                raise
-            raise NotImplementedError("api='nnx' needs flax_resnet.nnx, which this version does not have yet") from None
-    from flax_resnet.checkpoint import load
-
-    info = resolve(name, download=download, revision=revision)
+    check_api(api)
+    info = resolve(name, download=download, revision=revision, check_hash=check_hash)
     # A model directory is read whole: its config.json names v1 strides (transformers) or the architecture (timm).
-    model, variables = load(info.directory if info.directory is not None else info.path, **load_kwargs)
-    if api == "nnx":
-        kwargs = {name: getattr(model, name) for name in ("dtype", "precision") if getattr(model, name, None) is not None}
-        return fnnx.from_linen(model.arch, variables, allow_nonfinite=True, **kwargs)  # load() applied the finite rule
-    return model, variables
+    return load(info.directory if info.directory is not None else info.path, api=api, **load_kwargs)

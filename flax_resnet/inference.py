@@ -27,7 +27,7 @@ from flax_resnet.archs import get_arch
 from flax_resnet.convert import ConversionError, infer_flax_config, is_stacked, stack_blocks, unstack_blocks
 from flax_resnet.model import ResNet
 
-__all__ = ["fold_batchnorm", "fold", "FoldedResNet", "predict_fn", "fast_eval_model", "FAST_COMPILE_OPTIONS"]
+__all__ = ["fold_batchnorm", "fold", "FoldedResNet", "predict_fn", "FAST_COMPILE_OPTIONS"]
 
 
 def fold_batchnorm(variables: Mapping[str, Any], eps: float = 1e-5) -> dict[str, Any]:
@@ -110,21 +110,11 @@ def fold(model: ResNet, variables: Mapping[str, Any]) -> tuple[FoldedResNet, dic
 FAST_COMPILE_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
 
 
-def fast_eval_model(model, variables: Mapping[str, Any]):
-    """The fastest eval-mode equivalent of ``(model, variables)``.
-
-    BatchNorm folded into the convs (``fold``); the logits agree with
-    ``model`` to rounding. (The CPU conv kernels, e.g. 1x1 convs as matrix
-    products, are every model's default: ``flax_resnet.kernels``.)
-    """
-    return fold(model, variables)
-
-
 def predict_fn(model, chunk: int | None = None, method: str | None = None, compiler_options: Mapping[str, Any] | None = None) -> Callable:
     """A jitted eval-mode forward ``f(variables, images) -> logits``.
 
     Args:
-        model: a ``ResNet`` (e.g. from ``fast_eval_model``).
+        model: a ``ResNet`` (e.g. the folded one of ``fold``).
         chunk: run the batch as micro-batches of ``chunk`` images, one after
             another (``lax.map``), so each layer's activations stay in the
             CPU's caches; the batch is padded up to a multiple of ``chunk``

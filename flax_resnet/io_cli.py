@@ -93,6 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i = add_command(subparsers, "inspect", "describe a checkpoint: architecture, layout, classes, parameters, dtypes, problems", INSPECT_DESCRIPTION)
     i.add_argument("file", metavar="FILE", help="checkpoint file or Orbax directory")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--full", action="store_true", help="print long metadata (e.g. 1000 class names) in full, not shortened")
     i.set_defaults(func=run_inspect)
 
 
@@ -127,8 +128,20 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_report(r: dict) -> str:
-    """``inspect``'s report as aligned text lines."""
+def _short_meta(meta: dict, items: int = 5, chars: int = 60) -> tuple[dict, bool]:
+    """``(meta, shortened)``: lists past ``items`` entries and strings past ``chars`` characters cut, saying how much."""
+    out, cut = {}, False
+    for k, v in meta.items():
+        if isinstance(v, (list, tuple)) and len(v) > items:
+            v, cut = [*v[:items], f"... ({len(v)} in all)"], True
+        elif isinstance(v, str) and len(v) > chars:
+            v, cut = v[:chars] + f"... ({len(v)} chars)", True
+        out[k] = v
+    return out, cut
+
+
+def format_report(r: dict, full: bool = False) -> str:
+    """``inspect``'s report as aligned text lines; long metadata shortened unless ``full``."""
     lines = []
 
     def row(name, value):
@@ -153,7 +166,8 @@ def format_report(r: dict) -> str:
     if r["extras"]:
         row("other entries", ", ".join(r["extras"]))
     if r["meta"]:
-        row("metadata", json.dumps(r["meta"], sort_keys=True))
+        meta, cut = (r["meta"], False) if full else _short_meta(r["meta"])
+        row("metadata", json.dumps(meta, sort_keys=True) + (" (--full shows all)" if cut else ""))
 
     def listed(items, limit=8):
         more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
@@ -178,6 +192,6 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=2, default=str))
     else:
-        print(format_report(r))
+        print(format_report(r, full=args.full))
     sys.stdout.flush()
     return 0 if r["ok"] else 1

@@ -16,6 +16,7 @@ import numpy as np
 
 from flax_resnet import archs
 from flax_resnet.archs import ArchSpec, check_layout, get_arch
+from flax_resnet.config import ModelConfig
 
 # ---------------------------------------------------------------------------
 # The mapping
@@ -114,6 +115,8 @@ RULES: dict[str, tuple[tuple[str, str, str, Transform], ...]] = {
     ),
     "linear": (("weight", "params", "kernel", DENSE_KERNEL), ("bias", "params", "bias", IDENTITY)),
 }
+# Flax leaf name -> torch leaf name (the rules read backwards; every kind agrees).
+FLAX_TO_TORCH_LEAF = {f_leaf: t_leaf for rules in RULES.values() for t_leaf, _, f_leaf, _ in rules}
 # torch-only state, dropped on the way in and written back on the way out.
 IGNORED_BN_LEAVES = ("num_batches_tracked",)
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
@@ -131,20 +134,6 @@ class Leaf:
     @property
     def flax_shape(self) -> tuple[int, ...]:
         return tuple(self.transform.to_flax(np.empty(self.torch_shape, np.bool_)).shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """What a state_dict says about its model."""
-
-    arch: str
-    layout: str
-    num_classes: int
-    in_channels: int
-
-    @property
-    def conv_bias(self) -> bool:
-        return self.layout == "seed"
 
 
 def modules(spec: ArchSpec, layout: str, num_classes: int, in_channels: int):
@@ -172,12 +161,6 @@ def leaves(cfg: ModelConfig) -> list[Leaf]:
             if t_leaf in shapes:
                 out.append(Leaf(f"{prefix}.{t_leaf}", collection, (*path, f_leaf), transform, shapes[t_leaf]))
     return out
-
-
-def conv_bn_pairs(spec: ArchSpec):
-    """Flax paths of every conv and the BatchNorm that follows it (``archs.conv_bn_pairs``)."""
-    for conv, bn in archs.conv_bn_pairs(spec):
-        yield conv.flax, bn.flax
 
 
 def bn_prefixes(cfg: ModelConfig) -> list[str]:

@@ -19,7 +19,9 @@ import flax.linen as nn
 
 from flax_resnet import archs, kernels
 from flax_resnet.archs import ARCHS, ArchSpec, BlockSpec, ConvSpec, get_arch, stem_convs
+from flax_resnet.config import ModelConfig
 from flax_resnet.layers import BatchNorm, avg_pool_ceil
+from flax_resnet.settings import model_kwargs
 
 Dtype = Any
 ModuleDef = Any
@@ -168,6 +170,14 @@ class ResNet(nn.Module):
             with a leading axis of length ``n - 1`` (``convert.stack_blocks``
             / ``unstack_blocks`` convert between the two trees).
         remat: rematerialize each block in the backward pass (``nn.remat``).
+        in_channels: input channels; ``None`` takes them from the input at
+            ``init`` (a set value refuses other inputs).
+        layout: the torch key layout the weights came from and export to by
+            default (``"torchvision"``, ``"seed"``, ``"transformers"``);
+            ``None``: seed for a seed-layout row with ``conv_bias``, else torchvision.
+
+    ``flax_resnet.build(config)`` makes one from a ``ModelConfig``;
+    ``flax_resnet.model_config(model)`` gives it back.
     """
 
     arch: str | ArchSpec = "resnet50"
@@ -183,10 +193,17 @@ class ResNet(nn.Module):
     bn_eps: float = 1e-5
     scan_blocks: bool = False
     remat: bool = False
+    in_channels: int | None = None
+    layout: str | None = None
 
     @property
     def spec(self) -> ArchSpec:
         return get_arch(self.arch)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, axis_name: str | None = None) -> "ResNet":
+        """The model ``config`` describes (``flax_resnet.build(config)``)."""
+        return cls(**model_kwargs(config), axis_name=axis_name)
 
     def conv_def(self) -> ModuleDef:
         """The conv factory every layer uses."""
@@ -204,7 +221,7 @@ class ResNet(nn.Module):
     def _check_input(self, x: jax.Array) -> None:
         stem = self.variables.get("params", {}).get("conv1", {})
         kernel = stem["kernel"] if "kernel" in stem else stem.get("0", {}).get("kernel")
-        want = None if kernel is None else kernel.shape[2]
+        want = self.in_channels if kernel is None else kernel.shape[2]
         if x.ndim != 4 or (want is not None and x.shape[-1] != want):
             hint = " (an NCHW batch? use x.transpose(0, 2, 3, 1))" if x.ndim == 4 and x.shape[1] == want else ""
             raise ValueError(f"inputs are NHWC: expected {want or 'C'} channels in the last axis, got shape {tuple(x.shape)}{hint}")

@@ -21,8 +21,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from flax_resnet.cli import add_command
+from flax_resnet import hub
 from flax_resnet import preprocess as pp
+from flax_resnet.cli import add_command
 from flax_resnet.io import npz
 
 EPILOG = """\
@@ -72,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line (default: the source's, if any)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass (default: %(default)s)")
     p.add_argument("--no-download", action="store_true", help="use only cached weights; never download")
+    p.add_argument("--no-check-hash", action="store_true",
+                   help="accept a cached torchvision file whose SHA-256 does not match the hash in its name")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 
@@ -106,18 +109,23 @@ def check_inputs(paths: Sequence[str]) -> list[Source]:
     """Every input opened just far enough to know it can be read: nothing is decoded or inflated.
 
     Raises:
-        FileNotFoundError; ValueError: not a regular file (a FIFO, a device,
-        a directory), not an image Pillow reads, an ``.npz`` without a
-        readable ``images`` array of uint8 or floating NHWC images.
+        FileNotFoundError, IsADirectoryError, PermissionError; ValueError: not
+        a regular file (a FIFO, a device), not an image Pillow reads, an
+        ``.npz`` without a readable ``images`` array of uint8 or floating
+        NHWC images. One line naming the first bad input.
     """
     out = []
     for path in map(str, paths):
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such file") from None
+            raise FileNotFoundError(f"{path}: no such image file") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(f"{path}: a directory, not an image file (pass the files, e.g. {path}/*.jpg)")
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path}: not a regular file (a directory, FIFO or device); predict reads image and .npz files")
+            raise ValueError(f"{path}: not a regular file (a FIFO or device); predict reads image and .npz files")
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"{path}: not readable (permission denied)")
         if path.endswith(".npz"):
             members = npz.members(path)
             if "images" not in members:
@@ -245,6 +253,15 @@ def top_k(model: Any, variables: dict, batch: np.ndarray, k: int, batch_size: in
     return np.take_along_axis(out, order, axis=-1), order
 
 
+def _labels_note(info, labels, n: int, args) -> str:
+    if args.labels:
+        return f"{n} from {args.labels}"
+    if labels is None:
+        why = "the weights name no classes" if info.labels is None else f"the source's {len(info.labels)} names do not fit {n} classes"
+        return f"none ({why}; --labels FILE names them)"
+    return f"{n} from {info.source}" + (" (ImageNet-1k)" if labels == hub.imagenet_labels() else "")
+
+
 def _preprocess(args, info, channels: int) -> pp.Preprocess:
     base = info.preprocess
     changes: dict[str, Any] = {}
@@ -270,8 +287,7 @@ def _preprocess(args, info, channels: int) -> pp.Preprocess:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flax_resnet import hub
-    from flax_resnet.checkpoint import load
+    from flax_resnet.io import load
 
     if args.top_k < 1:
         raise _usage(f"--top-k must be at least 1, got {args.top_k}")
@@ -287,7 +303,10 @@ def run(args: argparse.Namespace) -> int:
             raise _usage(str(e)) from None
     sources = check_inputs(args.images)  # before the weights: a bad input costs nothing
     labels_file = read_labels(args.labels) if args.labels else None
-    info = hub.resolve(args.weights, download=not args.no_download)
+    try:
+        info = hub.resolve(args.weights, download=not args.no_download, check_hash=not args.no_check_hash)
+    except (OSError, ValueError) as e:  # the library's message, in this command's options
+        raise _usage(hub.cli_terms(str(e))) from None
     model, variables = load(info.path)
     channels = in_channels(variables)
     prep = _preprocess(args, info, channels)
@@ -319,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"weights     {printable(str(info.path))} ({model.arch}, {model.num_classes} classes, from {info.source})")
     print(f"preprocess  {printable(prep.describe())}")
+    print(f"labels      {printable(_labels_note(info, labels, model.num_classes, args))}")
     width = max(len(str(model.num_classes - 1)), 5)
     for r in results:
         print(printable(r["image"]))

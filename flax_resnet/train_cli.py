@@ -16,7 +16,11 @@ import time
 import warnings
 from typing import Any
 
-from flax_resnet.cli import add_command
+# JAX-side modules (training, data, builder) are imported inside the command, so that
+# `flax-resnet --help` and every other command start without importing JAX.
+from flax_resnet.archs import ARCHS
+from flax_resnet.cli import UsageError, add_command
+from flax_resnet.config import ModelConfig
 
 DEFAULTS = dict(epochs=12, batch_size=64, warmup_epochs=1.0, max_shift=2, seed=0)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -28,10 +32,8 @@ RECIPE_KEYS = ("epochs", "lr", "schedule", "warmup_epochs", "momentum", "weight_
 
 
 def register(subparsers) -> None:
-    from flax_resnet.archs import ARCHS
-
     p = add_command(subparsers, "train", "train a ResNet in JAX (digits or a .npz of images and labels)", __doc__.split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("--arch", default=None, choices=list(ARCHS), metavar="ARCH",
+    p.add_argument("--arch", default=None, type=_arch, metavar="ARCH",
                    help=f"architecture: {', '.join(ARCHS)} (default: resnet50, or the --init checkpoint's)")
     p.add_argument("--dataset", default="digits", help="'digits' (scikit-learn's, 32x32) or a .npz with arrays images and labels")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs to train")
@@ -71,9 +73,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _usage(msg: str):
-    from flax_resnet.cli import UsageError
+def _arch(name: str) -> str:
+    """``--arch``'s type: a name of ``ARCHS``, else argparse's one line with the nearest name."""
+    from flax_resnet.archs import get_arch
 
+    try:
+        return get_arch(name).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _usage(msg: str):
     return UsageError(msg)
 
 
@@ -170,9 +180,10 @@ def _build_model(args, dtype):
         if args.arch is not None and args.arch != model.spec.name:
             raise _usage(f"--arch {args.arch} but {args.init} holds a {model.spec.name}")
         return model, variables, _input_channels(variables["params"])
-    from flax_resnet.model import ResNet
+    from flax_resnet.builder import build
 
-    return ResNet(arch=args.arch or "resnet50", num_classes=10, dtype=dtype, zero_init_residual=not args.no_zero_init_residual), None, None
+    config = ModelConfig(args.arch or "resnet50", num_classes=10, dtype=dtype, zero_init_residual=not args.no_zero_init_residual)
+    return build(config), None, None
 
 
 def _load_data(args, in_ch):
@@ -240,8 +251,12 @@ def _newest_meta(ckpt) -> tuple[int, dict] | None:
 
 
 def _check_run(workdir: str, saved: dict, config: dict) -> None:
-    """Refuses to resume another run (other architecture, data, batch, ...), naming what differs."""
+    """Refuses to resume another run (other architecture, data, batch, init weights, ...), naming what differs."""
     other = [f"{_opt(k)} {saved[k]} -> {config[k]}" for k in RUN_KEYS if saved.get(k) is not None and saved[k] != config[k]]
+    if "init" in saved and saved["init"] != config["init"]:  # runs saved before the init identity existed pass
+        was = f"{saved.get('init_file')} ({saved['init']})" if saved["init"] else "random weights"
+        now = f"{config['init_file']} ({config['init']})" if config["init"] else "random weights"
+        other.append(f"--init {was} -> {now}")
     if other:
         raise _usage(
             f"{workdir} holds another run ({', '.join(other)}): resuming it would not continue that run; "
@@ -426,7 +441,8 @@ def run(args: argparse.Namespace) -> int:
         )
 
     config = {"arch": model.spec.name, "dataset": ds.name, "num_classes": ds.num_classes, "normalize": args.normalize,
-              "channels_first": args.channels_first, "size": args.size}
+              "channels_first": args.channels_first, "size": args.size,
+              "init": training.weights_identity(args.init) if args.init else None, "init_file": args.init}
     config.update({k: getattr(args, k) for k in ("batch_size", "seed", "dtype") + RECIPE_KEYS})
     os.makedirs(args.workdir, exist_ok=True)
     if not os.access(args.workdir, os.W_OK):  # a read-only mount or directory: say so before any checkpoint is tried
@@ -440,23 +456,45 @@ def run(args: argparse.Namespace) -> int:
             f.writelines(json.dumps(r) + "\n" for r in records)
         n_dev = mesh.devices.size if mesh is not None else 1
         resumed = f"; resuming after epoch {start_epoch}" if start_epoch else ""
+        dropped = len(ds.train_labels) - steps_per_epoch * args.batch_size
         _say(
             f"{model.spec.name} ({sum(x.size for x in jax.tree.leaves(state.params)):,} params, {args.dtype}) on {ds!r}; "
             f"{n_dev} {jax.devices()[0].platform} device(s), batch {args.batch_size}, lr {float(sched(0)):.3g} at step 1 "
             f"(peak {args.lr if args.lr is not None else training.paper_lr(args.batch_size):g}, {args.schedule}), "
             f"{steps_per_epoch} steps/epoch; writing {args.workdir}{resumed}"
         )
+        if dropped:
+            _say(_dropped_note(len(ds.train_labels), args.batch_size, dropped))
+        if start_epoch >= args.epochs:
+            done = f"all {args.epochs} epochs are" if start_epoch == args.epochs else f"{start_epoch} epochs (--epochs {args.epochs}) are"
+            _say(
+                f"{args.workdir}: {done} done, nothing to train; "
+                f"pass a larger --epochs to continue the run, --no-resume to start over, or another --workdir"
+            )
     t_run = time.perf_counter()
     _train(_Run(args, model, ds, state, sched, mesh, ckpt, config, steps_per_epoch, main), start_epoch, records)
+    if not records and start_epoch:  # metrics.jsonl gone (or never written): the newest checkpoint's meta has the accuracy
+        epoch, meta = _newest_meta(ckpt) or (start_epoch, {})
+        records = [{"epoch": epoch, "test_accuracy": meta.get("test_accuracy")}]
     ckpt.close()
     if main and records:
-        last = records[-1]
+        accuracies = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
         summary = {
             "workdir": args.workdir,
-            "epochs": last["epoch"],
-            "test_accuracy": last["test_accuracy"],
-            "best_test_accuracy": max(r["test_accuracy"] for r in records),
+            "epochs": records[-1]["epoch"],
+            "test_accuracy": records[-1]["test_accuracy"],
+            "best_test_accuracy": max(accuracies) if accuracies else None,
             "train_seconds": round(time.perf_counter() - t_run, 1),
         }
         print(json.dumps(summary))
     return 0
+
+
+def _dropped_note(n: int, batch_size: int, dropped: int) -> str:
+    """One line on the images past the last full batch: how many, why, and a batch size that uses all."""
+    fit = next((b for b in range(batch_size, batch_size // 2, -1) if n % b == 0), None)
+    hint = f"; --batch-size {fit} uses every image" if fit is not None else ""
+    return (
+        f"{dropped} of the {n} training images are left out of each epoch: every step takes a full batch of {batch_size} "
+        f"(one shape, one compilation); the order is reshuffled each epoch, so a different {dropped} sit out{hint}"
+    )

@@ -43,8 +43,10 @@ class ConversionError(ValueError):
         return f"cannot convert to {self.target}: " + "; ".join(parts)
 
 
-def _is_float(dtype) -> bool:
-    return np.issubdtype(dtype, np.floating) or str(dtype) == "bfloat16"
+def is_float(a: Any) -> bool:
+    """Whether an array (or dtype) is floating point, bfloat16 included: the project's one such test."""
+    d = np.dtype(getattr(a, "dtype", a))
+    return np.issubdtype(d, np.floating) or d.name == "bfloat16"
 
 
 def _check_leaves(found: Mapping[str, Any], expected: Mapping[str, tuple], target: str, ignored: Collection[str] = ()) -> None:
@@ -55,7 +57,7 @@ def _check_leaves(found: Mapping[str, Any], expected: Mapping[str, tuple], targe
     nonfloat = [
         f"{k} has dtype {_dtype_of(found[k])}, expected floating point"
         for k in expected
-        if k in found and not _is_float(_dtype_of(found[k]))
+        if k in found and not is_float(_dtype_of(found[k]))
     ]
     if missing or unexpected or mismatched or nonfloat:
         raise ConversionError(target, missing, unexpected, mismatched, nonfloat)
@@ -103,7 +105,7 @@ def nonfinite(arrays: Mapping[str, Any]) -> list[tuple[str, int, int, int]]:
     bad = []
     for key, a in arrays.items():
         a = np.asarray(a)
-        if _is_float(a.dtype) and a.size:
+        if is_float(a.dtype) and a.size:
             finite = np.isfinite(a)
             if not finite.all():
                 n_nan = int(np.isnan(a).sum())
@@ -128,5 +130,5 @@ def check_finite(arrays: Mapping[str, Any], where: str, error: type[Exception] |
 
 
 def _check_float_dtype(dtype: Any) -> None:
-    if dtype is not None and not _is_float(np.dtype(dtype)):
+    if dtype is not None and not is_float(np.dtype(dtype)):
         raise ConversionError("Flax variables", other=[f"dtype {np.dtype(dtype).name} is not a floating dtype (weights would be truncated)"])

@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", default="linen", choices=["linen", "nnx"], help="the Flax side: the Linen model or the NNX one, flax_resnet.nnx (default linen)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the random model (default 1000)")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "gpu"],
+        help="where both frameworks run: auto (each one's default: a GPU where it sees one), cpu, or gpu (an error unless torch and JAX both see one); default auto",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -68,18 +72,30 @@ def run(args: argparse.Namespace) -> int:
         raise _usage("the parity check needs PyTorch: pip install 'flax-resnet[torch]'") from None
 
     from parity import fixtures, harness
+    from parity.torch_side import check_device, on_device
+
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise _usage(str(e)) from None
 
     if args.weights:
-        model = _load_reference(args.weights, args.layout)
+        config, model = _load_reference(args.weights, args.layout)
     else:
+        from flax_resnet.config import ModelConfig
+
         try:
-            model = fixtures.reference_model(args.arch, args.layout or "torchvision", seed=args.seed, num_classes=args.num_classes)
+            config = ModelConfig(args.arch, args.layout or "torchvision", num_classes=args.num_classes)
         except ValueError as e:
             raise _usage(str(e)) from None
-    in_ch = model.conv1.in_channels
-    x = fixtures.images(args.batch, in_ch, args.size[0], args.size[1], seed=args.seed + 1).numpy()
+        model = fixtures.calibrated(config, seed=args.seed)
+    x = fixtures.images(args.batch, config.in_channels, args.size[0], args.size[1], seed=args.seed + 1).numpy()
     modes = harness.MODES if args.mode == "all" else (args.mode,)
-    report = harness.run_parity(model, x, modes=modes, dtype=args.dtype, precision=args.precision, steps=args.steps, scan_blocks=args.scan_blocks, api=args.api)
+    with on_device(args.device):
+        report = harness.run_parity(
+            model, x, modes=modes, dtype=args.dtype, precision=args.precision, steps=args.steps, scan_blocks=args.scan_blocks, api=args.api,
+            explain=True, config=config,
+        )  # fmt: skip
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -88,22 +104,38 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_reference(path: str, layout: str | None):
-    """A float32 ``torch_ref`` model holding a checkpoint's weights."""
+    """``(config, float32 torch model holding the file's weights)``, both from the file's model description.
+
+    Every format ``flax_resnet.load`` reads; a transformers model (directory
+    or file in its key layout) is compared against transformers' own
+    ``ResNetForImageClassification`` (``parity.hf``), the others against
+    ``torch_ref.build(config)``.
+    """
     import torch
 
     import torch_ref
-    from flax_resnet import convert
+    from flax_resnet.io import CheckpointError, read
+    from flax_resnet.io.resolve import resolve, torch_state
 
-    from flax_resnet.io import CheckpointError, read_state_dict
+    resolved = resolve(read(path), layout=layout)  # strict: every key and shape, NaN/Inf refused (exit 2)
+    config = resolved.config
+    if resolved.source.meta.get("stride_in_1x1"):  # ResNet v1: known from a model directory's config only
+        config = config.replace(stride_in_1x1=True)
+    sd = {k: torch.from_numpy(v.astype("float32") if v.dtype.kind == "f" else v) for k, v in torch_state(resolved, config.layout).items()}
+    if config.layout == "transformers":
+        from parity import hf
 
-    sd = convert.normalize_state_dict(read_state_dict(path))
-    convert.check_finite(sd, str(path), CheckpointError)  # NaN/Inf weights are bad input (exit 2), not a parity failure
-    cfg = convert.infer_config(sd, layout=layout)
-    model = torch_ref.ResNet(cfg.arch, img_channels=cfg.in_channels, num_classes=cfg.num_classes, layout=cfg.layout)
-    # Strictness and shapes are checked by the converter first: one collected error.
-    convert.torch_to_flax(sd, cfg.arch, cfg.layout)
-    model.load_state_dict({k: torch.from_numpy(v.astype("float32") if v.dtype.kind == "f" else v) for k, v in sd.items()}, strict=False)
-    return model.float().eval()
+        try:
+            model = hf.from_state_dict(config, sd, directory=path)
+        except ImportError:
+            raise CheckpointError(
+                f"{path}: a transformers model is compared against transformers' own ResNetForImageClassification: pip install 'flax-resnet[test]' "
+                "(or transformers), or pass --layout torchvision to compare against torch_ref"
+            ) from None
+        return config, model
+    model = torch_ref.build(config)
+    model.load_state_dict(sd, strict=False)  # num_batches_tracked may be absent (Flax files); the converter checked the rest
+    return config, model.float().eval()
 
 
 def main(argv: list[str] | None = None) -> int:

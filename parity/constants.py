@@ -2,6 +2,12 @@
 
 MODES = ("eval", "train", "grad", "steps")
 FP32_FLOOR = 1e-6
+# fp32's sensitivity runs (``parity.torch_side._rounding_noise``): float64 runs with every weight,
+# input and layer output moved by up to one fp32 ulp; their spread joins torch's fp32 variants'.
+FP32_ULP = 2.0**-23
+SENSITIVITY_RUNS = 2
+# A point passes within this factor of the largest error among the equally valid fp32 runs.
+NOISE_FACTOR = 2.0
 # A ReLU input within this fraction of its tensor's max|x| of zero is a kink that rounding may
 # flip: the float64 gradient reference takes the reduced-precision run's side of it (see
 # ``parity.torch_side._kinks_like``). fp32 forward errors are ~1e-6 of max|x| (the eval points), so 1e-4 leaves 100x.

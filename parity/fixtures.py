@@ -65,9 +65,25 @@ def reference_model(
     calibrate_size: int = 64,
 ) -> torch_ref.ResNet:
     """A seeded ``torch_ref.ResNet`` with random weights and calibrated BN, in eval mode (float32)."""
+    from flax_resnet.config import ModelConfig
+
+    config = ModelConfig(arch, layout, num_classes=num_classes, in_channels=img_channels, stride_in_1x1=stride_in_1x1)
+    return calibrated(config, seed=seed, calibrate_size=calibrate_size)
+
+
+def calibrated(config, seed: int = 0, calibrate_size: int = 64) -> nn.Module:
+    """``torch_ref.build(config)`` with seeded random weights and calibrated BN, in eval mode (float32).
+
+    Calibration uses torch's cumulative average; the model's own BatchNorm
+    momentum (``config.bn_momentum``) is restored afterwards.
+    """
     torch.manual_seed(seed)
-    model = torch_ref.ResNet(arch, img_channels=img_channels, num_classes=num_classes, layout=layout, stride_in_1x1=stride_in_1x1)
-    return randomize_and_calibrate(model, seed=seed, in_channels=img_channels, size=calibrate_size)
+    model = torch_ref.build(config)
+    momenta = {m: m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    randomize_and_calibrate(model, seed=seed, in_channels=config.in_channels, size=calibrate_size)
+    for m, momentum in momenta.items():
+        m.momentum = momentum
+    return model
 
 
 def images(batch: int, channels: int, height: int, width: int, seed: int = 1, dtype=torch.float32) -> torch.Tensor:

@@ -2,9 +2,21 @@
 
 Every comparison is relative to a float64 torch run of the same model:
 
-* ``float32``: a point passes when Flax's error is at most 2x torch fp32's own
-  error at that point (the fp32 noise floor), never tighter than
-  ``FP32_FLOOR``.
+* ``float32``: a point passes when Flax's error is at most 2x the *fp32
+  noise* at that point, never tighter than ``FP32_FLOOR``. The fp32 noise is
+  measured, tensor by tensor: the largest error among equally valid fp32
+  executions, namely torch fp32 in each of ``torch_variants()`` (the default
+  run, channels_last, and one thread on CPU or cuDNN autotuning on CUDA) and,
+  for the train-mode points (train, grad, steps), ``SENSITIVITY_RUNS``
+  float64 runs whose weights, inputs and every conv/BN/linear output are
+  moved by up to one fp32 ulp (``torch_side._rounding_noise``). The latter measure each tensor's fp32
+  *sensitivity* directly: where small batches make train-mode BatchNorm
+  ill-conditioned (batch 1-2, a 2x2 layer4), rounding at fp32 level moves
+  its gradients by 1e-3 and more, and the tolerance knows it; where the
+  computation is well-conditioned it stays at ~1e-6. ``python -m
+  parity.sweep`` measures the rule: seeds x batch 1/2/4/8 x architecture
+  kinds without a false FAIL, and each planted bug failing on every seed
+  (docs/parity.md).
 * ``float64``: Flax and torch must agree to ``FP64_TOL`` (1e-10 of the
   reference's max magnitude in eval; 1e-9 for train, gradients and steps).
 * reduced precision (``bfloat16`` compute, or TF32 with ``precision
@@ -19,12 +31,10 @@ differently, because in fp32 they are chaotic: a train-mode gradient passes
 through every ReLU, and an activation within rounding of a kink lands on
 either side depending on the summation order, changing that position's
 gradient by O(1); train-mode BatchNorm then spreads the change over the
-whole channel and every layer below it. Torch disagrees with itself this
-way: on the ResNet-101 fixture of the tests, the median of its three runs is
-4.3e-3 of max|grad| from the float64 truth in the stem. So
+whole channel and every layer below it. So
 
 * the float64 reference for Flax's gradients is taken on Flax's side of
-  every ReLU kink (``_kinks_like``; Linen only): ReLU inputs whose sign
+  every ReLU kink (``_kinks_like``; Linen and NNX): ReLU inputs whose sign
   differs within ``KINK_BAND`` of zero are mirrored in the float64 run, and
   the report counts them (``Report.kinks``);
 * each tensor is judged by its own statistic: the 99th percentile of
@@ -32,19 +42,19 @@ way: on the ResNet-101 fixture of the tests, the median of its three runs is
   largest error for tensors under ``PERCENTILE_MIN_SIZE`` entries, over the
   tensor's ``max|ref|``; for ``steps`` over the largest *update*
   ``max|ref - initial param|``, not the parameter;
-* torch's own error on that tensor is the median over ``torch_variants()``
-  (the default run, channels_last, and one thread on CPU or cuDNN autotuned
-  algorithms on CUDA): the typical fp32 execution, not the worst;
-* the rule is the same 2x, tensor by tensor; a point (a stage) passes when
-  all its tensors do and reports its worst tensor.
+* the rule is the same 2x of the fp32 noise, tensor by tensor; a point (a
+  stage) passes when all its tensors do and reports its worst tensor.
 
 A 1% error in ``fc.bias``'s gradient, in one BatchNorm's bias gradient or in
 one SGD update fails this rule in fp32 (tests/test_parity.py).
-float64 (max, 1e-9) is what proves the gradients' structure.
-Points are reported in network order, so the first failing one says where
-parity broke. Eval mode also compares the predicted classes (argmax) with
-the float64 run's; a flip is excused only where the reference's top-2 margin
-is within twice the logits' tolerance (a near tie that rounding may flip).
+float64 (max, 1e-9) is what proves the gradients' structure: with
+``explain=True`` a reduced-precision FAIL reruns its failing modes in float64
+and says whether float64 agrees (an fp32 sensitivity) or differs (a real
+difference, and where). Points are reported in network order, so the first
+failing one says where parity broke. Eval mode also compares the predicted
+classes (argmax) with the float64 run's; a flip is excused only where the
+reference's top-2 margin is within twice the logits' tolerance (a near tie
+that rounding may flip).
 """
 
 from __future__ import annotations
@@ -62,7 +72,8 @@ import optax
 
 import flax_resnet
 from flax_resnet.convert import flax_to_torch, infer_config
-from parity.constants import BF16_FLOOR, FP32_FLOOR, FP64_TOL, KINK_BAND, MODES, PERCENTILE_MIN_SIZE, SGD
+from parity.constants import BF16_FLOOR, FP32_FLOOR, FP64_TOL, KINK_BAND, MODES, NOISE_FACTOR, PERCENTILE_MIN_SIZE, SENSITIVITY_RUNS, SGD
+from parity.compare import _argmax, _errors, _float64_check, _points
 from parity.report import Argmax, Point, Report
 from parity.torch_side import (
     _kinks_like,
@@ -82,7 +93,6 @@ from parity.torch_side import (
 __all__ = [
     "MODES", "FP32_FLOOR", "KINK_BAND", "FP64_TOL", "BF16_FLOOR", "SGD", "PERCENTILE_MIN_SIZE",
     "Point", "Argmax", "Report", "pinned_precision", "torch_device", "describe_devices", "torch_variants", "make_sgd", "run_parity",
-    "_kinks_like", "_logits32", "_np", "_numpy", "_stats", "_torch_side", "_torch_variant",
 ]  # fmt: skip
 
 
@@ -151,6 +161,13 @@ def _jitted(model, what: str):
             return loss, g, feats, stats, signs
 
         return jax.jit(grad)
+    if what == "signs":  # a Linen twin's train-mode forward: the NNX model's ReLU inputs (``_flax_side``)
+
+        def signs(v, x):
+            feats, new = model.apply(v, x, train=True, blocks=True, method="intermediates", **capture)
+            return feats, jax.tree.map(lambda a: a > 0, new["intermediates"])
+
+        return jax.jit(signs)
     if what == "update":  # steps reuse the "grad" executable: one compile of the backward pass
         tx = make_sgd()
 
@@ -168,7 +185,10 @@ def _flax_from_torch(api: str, state_dict, **kwargs):
         import flax_resnet.nnx as frn
 
         model = frn.from_torch(state_dict, **kwargs)
-        return frn.LinenApply(model), frn.to_linen(model)
+        apply = frn.LinenApply(model)
+        # The Linen model of the same config gives the kink matching its BatchNorm outputs' signs.
+        apply.linen_twin = flax_resnet.build(flax_resnet.model_config(model))
+        return apply, frn.to_linen(model)
     return flax_resnet.from_torch(state_dict, **kwargs)
 
 
@@ -188,8 +208,12 @@ def _flax_side(model, variables, x: np.ndarray, labels: np.ndarray, layout: str,
     if "grad" in modes:
         loss, g, feats, stats, signs = _jitted(model, "grad")(variables, x, y)
         new = {"batch_stats": stats}
+        linen = model
+        if not signs and hasattr(model, "linen_twin"):  # NNX: BatchNorm outputs' signs from the Linen twin, block outputs its own
+            linen = model.linen_twin
+            signs = _jitted(linen, "signs")(variables, x)[1]
         if signs:
-            out["relu_masks"] = _relu_masks(model, signs, {k: np.asarray(v) for k, v in feats.items()})
+            out["relu_masks"] = _relu_masks(linen, signs, {k: np.asarray(v) for k, v in feats.items()})
     elif "train" in modes:
         feats, new = _jitted(model, "train")(variables, x)
     if "train" in modes:
@@ -214,109 +238,6 @@ def _flax_side(model, variables, x: np.ndarray, labels: np.ndarray, layout: str,
     return out
 
 
-# ---------------------------------------------------------------------------
-# Comparing
-
-
-def _group(key: str) -> str:
-    """'grad:layer2.3.conv1.weight' -> 'grad layer2'; stem modules -> 'stem'; fc -> 'fc'."""
-    kind, name = key.split(":", 1)
-    top = name.split(".")[0]
-    top = "stem" if top in ("conv1", "bn1") else top
-    if kind == "stat":
-        kind = "running_var" if name.endswith("running_var") else "running_mean"
-    return f"{kind} {top}"
-
-
-def _abs_diff(a: np.ndarray, ref: np.ndarray, robust: bool) -> np.ndarray:
-    d = np.abs(a.astype(np.float64) - ref)
-    # float32 suffices for ranking differences and halves the memory of the 100M-entry stages.
-    return d.astype(np.float32).ravel() if robust else d
-
-
-def _groups(ref: dict) -> dict[str, list[str]]:
-    """Point name -> its tensors; keyed tensors ('grad:...', 'stat:...') are grouped by stage."""
-    groups: dict[str, list[str]] = {}
-    for k in ref:
-        groups.setdefault(_group(k) if ":" in k else k, []).append(k)
-    return groups
-
-
-def _robust(dtype: str, mode: str, name: str) -> bool:
-    # Running stats are not behind a kink of this step's gradient; params are.
-    return dtype != "float64" and mode in ("grad", "steps") and not name.startswith("running_")
-
-
-
-def _scale(mode: str, key: str, ref: dict, init: dict | None) -> float:
-    """What a tensor's error is relative to: max|ref|, or for ``steps`` params max|update| (the change from ``init``)."""
-    r = ref[key]
-    if mode == "steps" and key.startswith("param:") and init is not None:
-        r = r - init[key.split(":", 1)[1]]
-    return float(np.max(np.abs(r))) if r.size else 0.0
-
-
-def _errors(mode: str, dtype: str, ref: dict, side: dict, init: dict | None = None) -> dict[str, Any]:
-    """Per point: ``(absolute error, the worst tensor of a group)``; for robust points, per tensor ``(statistic, scale)``."""
-    out: dict[str, Any] = {}
-    for name, keys in _groups(ref).items():
-        rob = _robust(dtype, mode, name)
-        diffs = [_abs_diff(side[k], ref[k], rob) for k in keys]
-        if rob:
-            out[name] = {
-                k: (float(np.quantile(d, 0.99)) if d.size >= PERCENTILE_MIN_SIZE else float(d.max()) if d.size else 0.0, _scale(mode, k, ref, init))
-                for k, d in zip(keys, diffs)
-            }
-            continue
-        maxes = [float(d.max()) if d.size else 0.0 for d in diffs]
-        worst = int(np.argmax(maxes))  # the tensor with the largest error, named in reports
-        out[name] = (maxes[worst], keys[worst] if len(keys) > 1 else None)
-    return out
-
-
-def _points(mode: str, ref: dict, flax: dict[str, Any], own: list[dict[str, Any]] | None, tol_rule, init: dict | None = None) -> list[Point]:
-    """Points in network order; ``torch_rel`` is the median of torch's own runs (the typical fp32 execution).
-
-    A robust (fp32/bf16 gradient or step) point is judged tensor by tensor,
-    each against torch's error on the same tensor, and reports its worst
-    tensor (the largest error/tolerance ratio); any other point is the largest
-    error of its group over the group's scale.
-    """
-    points = []
-    for name, keys in _groups(ref).items():
-        f = flax[name]
-        if isinstance(f, dict):
-            judged = []
-            for k in keys:
-                err, scale = f[k]
-                scale = scale or 1.0
-                torch_rel = float(np.median([o[name][k][0] for o in own])) / scale if own else None
-                tol = tol_rule(mode, torch_rel)
-                judged.append((err / scale / tol if tol > 0 else np.inf, k, err, err / scale, tol, torch_rel))
-            _, k, err, rel, tol, torch_rel = max(judged, key=lambda j: (j[0], j[3]))
-            points.append(Point(mode, name, err, rel, tol, torch_rel, k))
-            continue
-        scale = max(_scale(mode, k, ref, init) for k in keys) or 1.0
-        err, worst = f
-        torch_rel = float(np.median([o[name][0] for o in own])) / scale if own else None
-        points.append(Point(mode, name, err, err / scale, tol_rule(mode, torch_rel), torch_rel, worst))
-    return points
-
-
-def _argmax(logits: np.ndarray, ref: np.ndarray, tol: float) -> Argmax:
-    """Compares predicted classes; a flip is excused only where the reference's top-2 margin is within rounding.
-
-    Each logit may be off by ``tol * max|ref|`` and still pass, so a margin of
-    twice that can flip in an equally valid run.
-    """
-    if ref.shape[1] < 2:  # one logit: nothing to rank
-        return Argmax(int(ref.shape[0]), 0, 0)
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    near = (top2[:, 1] - top2[:, 0]) <= 2 * tol * float(np.max(np.abs(ref)))
-    differ = logits.argmax(1) != ref.argmax(1)
-    return Argmax(int(ref.shape[0]), int(np.sum(differ & ~near)), int(np.sum(differ & near)))
-
-
 def run_parity(
     torch_model: torch.nn.Module,
     x: np.ndarray,
@@ -327,6 +248,8 @@ def run_parity(
     steps: int = 2,
     scan_blocks: bool = False,
     api: str = "linen",
+    explain: bool = False,
+    config: Any = None,
 ) -> Report:
     """Compares a ``torch_ref.ResNet`` with its Flax conversion.
 
@@ -347,7 +270,15 @@ def run_parity(
             compile for 100+ layers).
         api: ``"linen"`` (``flax_resnet.ResNet``) or ``"nnx"``
             (``flax_resnet.nnx.ResNet``, converted by ``flax_resnet.nnx.from_torch``):
-            the same points and rules (kinks are matched for Linen only).
+            the same points and rules.
+        config: the ``flax_resnet.ModelConfig`` both sides were built from
+            (``torch_ref.build``); the Flax side takes its settings that the
+            weights do not show (``stride_in_1x1``, BatchNorm momentum and
+            eps, ``precision``) from it. Without it, ``stride_in_1x1`` is the torch model's
+            attribute and BatchNorm has torch's defaults.
+        explain: on a reduced-precision FAIL, rerun the failing modes in
+            float64 and say whether the failure is structural
+            (``Report.float64_check``, ``Report.explanation``).
 
     Returns:
         A ``Report`` of every point in network order and, with ``"eval"``,
@@ -370,42 +301,64 @@ def run_parity(
     labels = np.asarray(labels, np.int64)
     x64 = np.asarray(x, np.float64)
     kinks = None
-    v1 = bool(getattr(torch_model, "stride_in_1x1", False))  # not visible in the weights
+    # Settings the weights do not show.
+    if config is not None:
+        settings = dict(stride_in_1x1=config.stride_in_1x1, bn_momentum=config.bn_momentum, bn_eps=config.bn_eps)
+        settings.update(dict(precision=config.precision) if config.precision is not None else {})
+    else:
+        settings = dict(stride_in_1x1=bool(getattr(torch_model, "stride_in_1x1", False)))
+
+    def flax64(run_modes):
+        with jax.enable_x64(True):
+            model, variables = _flax_from_torch(api, copy.deepcopy(torch_model).double().state_dict(), scan_blocks=scan_blocks, **settings)
+            out = _flax_side(model, variables, x64, labels, cfg.layout, run_modes, steps)
+        out.pop("relu_masks", None)
+        return out
 
     with pinned_precision(precision):
-        ref = _torch_side(copy.deepcopy(torch_model).double(), x64, labels, modes, steps)
+        ref = ref64 = _torch_side(copy.deepcopy(torch_model).double(), x64, labels, modes, steps)
         if dtype == "float64":
-            with jax.enable_x64(True):
-                model, variables = _flax_from_torch(api, copy.deepcopy(torch_model).double().state_dict(), stride_in_1x1=v1, scan_blocks=scan_blocks)
-                flax = _flax_side(model, variables, x64, labels, cfg.layout, modes, steps)
+            flax = flax64(modes)
             own = None
             rule = lambda mode, _: FP64_TOL[mode]  # noqa: E731
         else:
             x32, bf16 = x64.astype(np.float32), dtype == "bfloat16"
-            keyed = [m for m in modes if m in ("grad", "steps")]
             own = {m: [] for m in modes}
-            for variant, run in zip(torch_variants(), (modes, keyed, keyed)):
-                if run:  # reduced to errors at once: the 100M-parameter models' tensors add up
-                    res = _torch_side(copy.deepcopy(torch_model).float(), x32, labels, run, steps, autocast_bf16=bf16, variant=variant)
-                    for mode in run:
-                        own[mode].append(_errors(mode, dtype, ref[mode], res.pop(mode), init))
-            model, variables = _flax_from_torch(api, sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None, stride_in_1x1=v1, scan_blocks=scan_blocks)
+            runs = [(modes, dict(variant=v, autocast_bf16=bf16)) for v in torch_variants()]
+            # Train-mode BatchNorm is what small batches make ill-conditioned; eval is not (running stats).
+            batch_stats_modes = tuple(m for m in modes if m != "eval")
+            if not bf16 and batch_stats_modes:
+                runs += [(batch_stats_modes, dict(noise_seed=s)) for s in range(SENSITIVITY_RUNS)]
+            for run_modes, run in runs:  # reduced to errors at once: the 100M-parameter models' tensors add up
+                x_run = x64 if "noise_seed" in run else x32
+                res = _torch_side(copy.deepcopy(torch_model).float(), x_run, labels, run_modes, steps, **run)
+                for mode in run_modes:
+                    own[mode].append(_errors(mode, dtype, ref[mode], res.pop(mode), init))
+            model, variables = _flax_from_torch(api, sd, param_dtype=np.float32, dtype=jnp.bfloat16 if dtype == "bfloat16" else None, scan_blocks=scan_blocks, **settings)
             flax = _flax_side(model, variables, x64.astype(np.float32), labels, cfg.layout, modes, steps)
             if "relu_masks" in flax:  # the gradient reference on Flax's side of every kink (``_kinks_like``)
                 matched = _torch_side(copy.deepcopy(torch_model).double(), x64, labels, ("grad",), steps, relu_masks=flax.pop("relu_masks"))
                 ref = {**ref, "grad": matched["grad"]}
                 kinks = matched["kinks"]
             floor = BF16_FLOOR if dtype == "bfloat16" else FP32_FLOOR
-            rule = lambda mode, torch_rel: max(2.0 * torch_rel, floor)  # noqa: E731
+            rule = lambda mode, torch_rel: max(NOISE_FACTOR * torch_rel, floor)  # noqa: E731
 
     points: list[Point] = []
     for mode in modes:
         errors = _errors(mode, dtype, ref[mode], flax[mode], init)
         points += _points(mode, ref[mode], errors, own[mode] if own else None, rule, init)
-    variants = torch_variants() if own and any(m in ("grad", "steps") for m in modes) else ()
+    noisy = dtype != "bfloat16" and any(m != "eval" for m in modes)
+    variants = (torch_variants() + (tuple(f"float64+noise{s}" for s in range(SENSITIVITY_RUNS)) if noisy else ())) if own else ()
     argmax = None
     if "eval" in modes:
         tol = next(p.tol for p in points if p.mode == "eval" and p.name == "logits")
         argmax = _argmax(flax["eval"]["logits"].astype(np.float64), ref["eval"]["logits"], tol)
     size = (int(x.shape[2]), int(x.shape[3]))
-    return Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), size, describe_devices(), points, variants, argmax, scan_blocks, api, kinks)
+    report = Report(cfg.arch, cfg.layout, dtype, precision, int(x.shape[0]), size, describe_devices(), points, variants, argmax, scan_blocks, api, kinks)
+    if explain and dtype != "float64" and not report.passed:
+        failing = [p for p in points if not p.passed] or [p for p in points if p.mode == "eval" and p.name == "logits"]
+        run_modes = tuple(m for m in modes if any(p.mode == m for p in failing))
+        with pinned_precision(precision):
+            check = _float64_check(failing, ref64, flax64(run_modes), init)
+        report.float64_check = check
+    return report

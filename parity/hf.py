@@ -73,6 +73,34 @@ def config_of(arch: str) -> dict[str, Any]:
     return dict(layer_type=spec.block, depths=list(spec.stage_sizes), hidden_sizes=hidden)
 
 
+def from_state_dict(config, state_dict: dict[str, torch.Tensor], directory: str | None = None) -> "TransformersResNet":
+    """transformers' own model holding a transformers-layout state_dict, wrapped for the harness (float32, eval mode).
+
+    Args:
+        config: the ``flax_resnet.ModelConfig`` the weights hold.
+        state_dict: its tensors, in the transformers layout.
+        directory: a model directory whose ``config.json`` to use (read
+            locally); else the ``ResNetConfig`` of ``config_of(config.arch)``.
+
+    Raises:
+        ImportError: transformers is not installed.
+    """
+    import os
+
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    if directory is not None and os.path.isdir(directory):
+        cfg = ResNetConfig.from_pretrained(directory, local_files_only=True)
+    else:
+        v1 = dict(downsample_in_bottleneck=True) if config.stride_in_1x1 else {}
+        cfg = ResNetConfig(num_labels=config.num_classes, num_channels=config.in_channels, **config_of(config.spec.name), **v1)
+    m = ResNetForImageClassification(cfg)
+    missing, unexpected = m.load_state_dict(state_dict, strict=False)
+    if [k for k in missing if not k.endswith("num_batches_tracked")] or unexpected:
+        raise ValueError(f"transformers' ResNet does not hold these weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return TransformersResNet(m.float().eval())
+
+
 @torch.no_grad()
 def reference_model(config: str | dict[str, Any] = "resnet50", num_labels: int = 1000, seed: int = 0) -> nn.Module:
     """A seeded ``ResNetForImageClassification`` with ``parity.fixtures``' BN treatment (random affine, calibrated stats), in eval mode.

@@ -10,6 +10,15 @@ import numpy as np
 from parity.constants import KINK_BAND, PERCENTILE_MIN_SIZE
 
 
+COLUMNS = {
+    "max abs err": "largest |flax - reference| of the point, the reference being torch float64 on the same weights and inputs",
+    "rel err": "max abs err over the reference's max|value| (grad/steps: its tensor's error statistic over max|grad|, or max|update| for steps)",
+    "tolerance": "the largest rel err allowed: 2x the fp32 noise, 1e-6 at least (bfloat16: 2x torch autocast's, 1e-2 at least; float64: 1e-10 eval, 1e-9 otherwise)",
+    "fp32 noise": "the largest rel err among equally valid fp32 runs: torch fp32 variants and (train, grad, steps) float64 runs moved by one fp32 ulp per value",
+    "status": "pass when rel err <= tolerance; FAIL otherwise (the first FAIL in network order says where parity broke)",
+}
+
+
 @dataclasses.dataclass
 class Point:
     """One compared tensor (or group of tensors)."""
@@ -25,6 +34,11 @@ class Point:
     @property
     def passed(self) -> bool:
         return bool(np.isfinite(self.rel) and self.rel <= self.tol)
+
+    @property
+    def label(self) -> str:
+        """``mode point`` without repeating the mode: 'grad layer1', 'steps param layer1', 'eval logits'."""
+        return f"{self.mode} {self.name.removeprefix(f'{self.mode} ')}"
 
 
 @dataclasses.dataclass
@@ -55,6 +69,17 @@ class Report:
     scan_blocks: bool = False  # the Flax side ran ResNet(scan_blocks=True)
     api: str = "linen"  # the Flax side: the Linen model or the NNX one (flax_resnet.nnx)
     kinks: int | None = None  # ReLU inputs at which the gradient reference took Flax's side (None: not matched)
+    float64_check: dict[str, Any] | None = None  # a reduced-precision FAIL rerun in float64 (``run_parity(explain=True)``)
+
+    @property
+    def explanation(self) -> str | None:
+        """What a reduced-precision FAIL is: an fp32 sensitivity (float64 agrees) or a real difference."""
+        c = self.float64_check
+        if c is None:
+            return None
+        if c["structural"]:
+            return f"float64 differs by {c['max_rel']:.1e} at {c['at']}: a real difference"
+        return f"float64 agrees to {c['max_rel']:.0e}: an fp32 sensitivity, not a structural difference"
 
     @property
     def passed(self) -> bool:
@@ -73,8 +98,27 @@ class Report:
             pd["passed"] = p.passed
         d["passed"] = self.passed
         ff = self.first_failure
-        d["first_failure"] = f"{ff.mode} {ff.name}" if ff else (None if self.passed else "eval argmax")
+        d["first_failure"] = ff.label if ff else (None if self.passed else "eval argmax")
+        d["explanation"] = self.explanation
+        d["columns"] = dict(COLUMNS)
         return d
+
+    def footnotes(self) -> list[str]:
+        """One line per column of ``format``'s table, and the kinks line."""
+        lines = [f"{k}: {v}" for k, v in COLUMNS.items()]
+        if self.torch_variants:
+            lines.append(f"fp32 noise runs: {', '.join(self.torch_variants)}")
+        if any(p.mode in ("grad", "steps") for p in self.points) and self.dtype != "float64":
+            lines.append(
+                f"grad/steps rows: each tensor's 99th-percentile error (the largest under {PERCENTILE_MIN_SIZE} entries), judged tensor by tensor; "
+                "the worst tensor is named"
+            )
+        if self.kinks is not None:
+            lines.append(
+                f"kinks: {self.kinks} ReLU input(s) within {KINK_BAND:g} of their tensor's max|x| of zero fell on the other side in Flax's"
+                " forward; the float64 gradient reference takes Flax's side there (a kink's two sides have different gradients)"
+            )
+        return lines
 
     def format(self) -> str:
         head = (
@@ -83,35 +127,30 @@ class Report:
             + (", Flax scan_blocks" if self.scan_blocks else "")
             + (", Flax NNX" if self.api == "nnx" else "")
         )
-        rows = [("mode", "point", "max abs err", "rel err", "tolerance", "torch own", "status")]
+        rows = [("mode", "point", "max abs err", "rel err", "tolerance", "fp32 noise", "status")]
         for p in self.points:
             own = "-" if p.torch_rel is None else f"{p.torch_rel:.2e}"
             status = "pass" if p.passed else "FAIL"
-            name = p.name + (f" ({p.worst.split(':', 1)[-1]})" if p.worst and (not p.passed or p.mode in ("grad", "steps")) else "")
+            name = p.label.split(" ", 1)[1]
+            name += f" ({p.worst.split(':', 1)[-1]})" if p.worst and (not p.passed or p.mode in ("grad", "steps")) else ""
             rows.append((p.mode, name, f"{p.max_abs:.3e}", f"{p.rel:.3e}", f"{p.tol:.2e}", own, status))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head, ""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         ff = self.first_failure
         n = len(self.points)
-        if self.torch_variants and any(p.mode in ("grad", "steps") for p in self.points):
-            lines += [
-                "",
-                f"grad/steps: each tensor's p99 error (max under {PERCENTILE_MIN_SIZE} entries) over its max|grad| (steps: max|update|),"
-                f" against 2x torch's on it (the median of torch runs {', '.join(self.torch_variants)}); the worst tensor is shown",
-            ]
-        if self.kinks is not None:
-            lines += [
-                f"kinks: {self.kinks} ReLU input(s) within {KINK_BAND:g} of their tensor's max|x| of zero fell on the other side in Flax's"
-                " forward; the float64 gradient reference follows Flax there"
-            ]
+        lines += ["", *self.footnotes()]
         am = self.argmax
         if am is not None:
             ties = f" ({am.near_ties} near tie(s) within rounding)" if am.near_ties else ""
             lines += ["", f"argmax: {am.samples - am.mismatches - am.near_ties}/{am.samples} samples agree with torch float64{ties}"]
         if ff is not None:
-            lines += ["", f"FAIL: first failure at {ff.mode} {ff.name}"]
+            lines += ["", f"FAIL: first failure at {ff.label}"]
+            if self.explanation:
+                lines.append(f"  {self.explanation}")
         elif not self.passed:
             lines += ["", f"FAIL: argmax differs on {am.mismatches} of {am.samples} samples"]
+            if self.explanation:
+                lines.append(f"  {self.explanation}")
         else:
             lines += ["", f"PASS: all {n} points within tolerance" + (", argmax agrees" if am is not None else "")]
         return "\n".join(lines)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import jax
 
-from parity.constants import KINK_BAND, SGD
+from parity.constants import FP32_ULP, KINK_BAND, SGD
 
 
 # ---------------------------------------------------------------------------
@@ -42,15 +42,47 @@ def pinned_precision(precision: str) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+DEVICES = ("auto", "cpu", "gpu")
+_forced: list[str] = []  # on_device's choice while it is active
+
+
 def torch_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and "cpu" not in _forced else "cpu")
+
+
+def check_device(choice: str) -> None:
+    """Raises ``ValueError`` (one line) for an unknown choice, or ``"gpu"`` where torch or JAX sees no GPU."""
+    if choice not in DEVICES:
+        raise ValueError(f"unknown device {choice!r}; choose one of {', '.join(DEVICES)}")
+    if choice == "gpu" and not (torch.cuda.is_available() and jax.default_backend() == "gpu"):
+        seen = f"torch sees {'a' if torch.cuda.is_available() else 'no'} CUDA GPU, JAX's backend is {jax.default_backend()}"
+        raise ValueError(f"--device gpu needs a GPU in both frameworks ({seen}): install jax[cuda12] and a CUDA torch, or use --device cpu")
+
+
+@contextlib.contextmanager
+def on_device(choice: str = "auto") -> Iterator[None]:
+    """Where both frameworks run: ``"auto"`` (each one's default: the GPU if it sees one), ``"cpu"`` or ``"gpu"`` (both).
+
+    Raises:
+        ValueError: an unknown choice, or ``"gpu"`` where torch or JAX sees no GPU.
+    """
+    check_device(choice)
+    if choice != "cpu":
+        yield
+        return
+    _forced.append("cpu")
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            yield
+    finally:
+        _forced.pop()
 
 
 def describe_devices() -> str:
-    jd = jax.devices()[0]
+    jd = jax.devices("cpu")[0] if "cpu" in _forced else jax.devices()[0]
     td = torch_device()
     tname = torch.cuda.get_device_name(0) if td.type == "cuda" else platform.processor() or "cpu"
-    return f"jax {jax.default_backend()} ({jd.device_kind}) / torch {td.type} ({tname})"
+    return f"jax {jd.platform} ({jd.device_kind}) / torch {td.type} ({tname})"
 
 
 # ---------------------------------------------------------------------------
@@ -88,6 +120,40 @@ def _torch_variant(variant: str) -> Iterator[None]:
         torch.backends.cudnn.benchmark = bench
 
 
+@contextlib.contextmanager
+def _rounding_noise(model: torch.nn.Module, rel: float, seed: int) -> Iterator[None]:
+    """A float64 ``model`` whose weights, BN statistics and every conv/BN/linear output carry rounding-level noise.
+
+    Each value is multiplied by ``1 + rel * U(-1, 1)`` (``rel = 2**-23``: one
+    fp32 ulp): a float64 execution as unsure of every number as an fp32 one,
+    so its distance from the exact float64 run is the fp32 *sensitivity* of
+    each tensor (what ill-conditioned BatchNorm at small batches amplifies),
+    measured rather than assumed. Restores the weights and removes the hooks.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def noise(t: torch.Tensor) -> torch.Tensor:
+        return 1 + rel * (2 * torch.rand(t.shape, generator=g, dtype=torch.float64) - 1).to(t.device, t.dtype)
+
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.mul_(noise(t))
+
+    def hook(module, inputs, output):
+        return output * noise(output).detach()
+
+    kinds = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.Linear)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        model.load_state_dict(saved)
+
+
 def _torch_side(
     model: torch.nn.Module,
     x: np.ndarray,
@@ -97,7 +163,14 @@ def _torch_side(
     autocast_bf16: bool = False,
     variant: str = "default",
     relu_masks: Sequence[np.ndarray] | None = None,
+    noise_seed: int | None = None,
 ) -> dict[str, Any]:
+    """Runs ``model`` in ``modes``; ``noise_seed`` makes it a float64 sensitivity run (``_rounding_noise``, inputs included)."""
+    if noise_seed is not None:
+        model = copy.deepcopy(model).double()
+        x = x * (1 + FP32_ULP * (2 * np.random.default_rng(noise_seed).random(x.shape) - 1))
+        with _rounding_noise(model, FP32_ULP, noise_seed):
+            return _torch_side(model, x, labels, modes, steps)
     dev = torch_device()
     dtype = next(model.parameters()).dtype
     xt = torch.from_numpy(x).to(dev, dtype)

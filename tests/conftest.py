@@ -1,5 +1,10 @@
+import functools
 import os
+import re
 import sys
+
+import numpy as np
+import pytest
 
 # The parity tests compare against float64 torch runs; JAX's x64 mode is
 # switched on per computation (jax.enable_x64), never globally.
@@ -8,9 +13,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import re
-
-import pytest
+# No comparison treats NaN as equal: assert_allclose defaults to equal_nan=True, which lets a
+# NaN in Flax's output match a NaN in the reference (or in Flax's own second run).
+np.testing.assert_allclose = functools.partial(np.testing.assert_allclose, equal_nan=False)
 
 # The slow tier: deep, wide and full-size runs (`pytest -m slow`; CI and `./quickstart.sh test` run both
 # tiers, a plain `pytest` only the fast one). New tests mark themselves with @pytest.mark.slow; these
@@ -70,3 +75,25 @@ def pytest_collection_modifyitems(config, items):
     stale = [p for p in SLOW if p.split("::")[0] in collected and p not in used and not config.option.keyword]
     if stale and not config.option.deselect:
         raise pytest.UsageError(f"tests/conftest.py SLOW names no collected test: {stale}")
+
+
+# PARITY_MARGINS=FILE: every run_parity of a test appends its worst point (rel err / tolerance) to FILE,
+# the measured margins docs/parity.md records.
+if os.environ.get("PARITY_MARGINS"):
+    import json
+
+    from parity import harness
+
+    _run_parity = harness.run_parity
+
+    def _logged_run_parity(*args, **kwargs):
+        r = _run_parity(*args, **kwargs)
+        ratio = lambda p: p.rel / p.tol if p.tol else float("inf")  # noqa: E731
+        worst = max(r.points, key=ratio)
+        row = {"test": os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0], "arch": r.arch, "dtype": r.dtype, "api": r.api, "batch": r.batch}
+        row |= {"passed": r.passed, "worst": worst.label, "rel": worst.rel, "tol": worst.tol, "ratio": ratio(worst)}
+        with open(os.environ["PARITY_MARGINS"], "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return r
+
+    harness.run_parity = _logged_run_parity

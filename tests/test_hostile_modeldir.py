@@ -146,7 +146,7 @@ def test_bad_fields_are_one_line_naming_file_and_field(weights, tmp_path, case):
 def test_predict_and_from_pretrained_say_the_same_line(weights, tmp_path, capsys):
     d = make_dir(tmp_path, weights, "timm", {**TIMM, "pretrained_cfg": {"crop_pct": 0}})
     rc, out, err = run_cli(capsys, "predict", tmp_path / "x.png", "--weights", d)
-    assert_one_line(rc, out, err, 2, "x.png: no such file")  # inputs first
+    assert_one_line(rc, out, err, 2, "x.png: no such image file")  # inputs first
     np.savez(tmp_path / "x.npz", images=np.zeros((1, 8, 8, 3), np.uint8))
     rc, out, err = run_cli(capsys, "predict", tmp_path / "x.npz", "--weights", d)
     assert_one_line(rc, out, err, 2, f"{d / 'config.json'} pretrained_cfg: crop_pct must be a number in (0, 1], found 0")

@@ -118,9 +118,10 @@ def test_fifo_device_and_directory_are_refused_without_reading(w, tmp_path, caps
         t.join()
         pytest.fail("predict blocked on a FIFO")
     assert_one_line(*result["r"], 2, "pipe.png: not a regular file")
-    for path in ("/dev/urandom", tmp_path):
-        rc, out, err = run_cli(capsys, "predict", path, "--weights", w, *SMALL)
-        assert_one_line(rc, out, err, 2, f"{path}: not a regular file")
+    rc, out, err = run_cli(capsys, "predict", "/dev/urandom", "--weights", w, *SMALL)
+    assert_one_line(rc, out, err, 2, "/dev/urandom: not a regular file")
+    rc, out, err = run_cli(capsys, "predict", tmp_path, "--weights", w, *SMALL)
+    assert_one_line(rc, out, err, 2, f"{tmp_path}: a directory, not an image file")
 
 
 def test_absurd_aspect_ratio_is_refused_in_bounded_memory(w, tmp_path):

@@ -80,17 +80,17 @@ def test_torch_hub_dir_follows_torch(monkeypatch, tmp_path):
 def test_torchvision_names_hit_the_torch_hub_cache(caches):
     d = hub.torch_hub_dir()
     d.mkdir(parents=True)
-    torch.save(_state_dict(), d / "resnet18-f37072fd.pth")
+    torch.save(_state_dict(), d / "resnet18-f37072fd.pth")  # random weights under torchvision's name: check_hash=False
     expected = flax_resnet.load(d / "resnet18-f37072fd.pth")
     for name in ("ResNet18_Weights.IMAGENET1K_V1", "ResNet18_Weights.DEFAULT", "resnet18", "resnet18.tv_in1k", "resnet18-f37072fd.pth"):
-        info = hub.resolve(name, download=False)
+        info = hub.resolve(name, download=False, check_hash=False)
         assert info.source == "torchvision" and info.path == d / "resnet18-f37072fd.pth"
         assert (info.preprocess.resize, info.preprocess.crop, info.preprocess.interpolation) == (256, 224, "bilinear")
         assert info.labels == hub.imagenet_labels()
-    _assert_same(flax_resnet.from_pretrained("ResNet18_Weights.IMAGENET1K_V1", download=False), expected)
-    model, variables = flax_resnet.from_pretrained("resnet18", download=False, dtype=jax.numpy.bfloat16)
+    _assert_same(flax_resnet.from_pretrained("ResNet18_Weights.IMAGENET1K_V1", download=False, check_hash=False), expected)
+    model, variables = flax_resnet.from_pretrained("resnet18", download=False, check_hash=False, dtype=jax.numpy.bfloat16)
     assert model.dtype == jax.numpy.bfloat16
-    nnx_model = flax_resnet.from_pretrained("resnet18.tv_in1k", api="nnx", download=False)
+    nnx_model = flax_resnet.from_pretrained("resnet18.tv_in1k", api="nnx", download=False, check_hash=False)
     from flax_resnet import nnx as fnnx
 
     _assert_same((nnx_model.arch, fnnx.to_linen(nnx_model)), (expected[0].arch, expected[1]))
@@ -176,7 +176,7 @@ def test_timm_hub_id_through_the_hf_cache(caches):
     _assert_same(flax_resnet.from_pretrained("timm/resnet18.a1_in1k", download=False), expected)
 
 
-def test_transformers_hub_id_through_the_hf_cache(caches):
+def test_transformers_hub_id_through_the_hf_cache(caches, monkeypatch):
     # A real transformers ResNet (ResNet-18 shapes, 10 classes) saved as save_pretrained / the hub cache hold it.
     import transformers
 
@@ -197,6 +197,8 @@ def test_transformers_hub_id_through_the_hf_cache(caches):
     _assert_same(got, flax_resnet.load(snap))
     # the snapshot directory itself is a name too
     assert hub.resolve(str(snap)).labels == info.labels
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the documented offline path: downloads allowed, the cache only
+    assert hub.resolve("microsoft/resnet-18").path == snap
 
 
 def test_hf_misses_are_one_line(caches, monkeypatch):

@@ -1,4 +1,4 @@
-"""Flax model mechanics: BatchNorm rule, dtypes, parameter counts, padding."""
+"""Flax model mechanics: BatchNorm rule, dtypes, parameter counts (padding: tests/test_padding.py)."""
 
 import flax
 import jax
@@ -9,8 +9,6 @@ import torch
 
 import flax_resnet
 from flax_resnet import ARCHS, PARAM_COUNTS, BatchNorm
-from flax_resnet.archs import stem_convs
-from flax_resnet.model import _conv
 
 
 def _count(tree):
@@ -80,19 +78,6 @@ def test_dtypes():
         v64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v)
         out = jax.jit(model.clone(dtype=None).apply)(v64, np.ones((1, 32, 32, 3)))
         assert out.dtype == jnp.float64
-
-
-def test_stride_two_padding_is_symmetric_like_torch():
-    """'SAME' would pad (0, 1) at stride 2 and shift every output by a pixel."""
-    model = flax_resnet.resnet18(num_classes=10)
-    x = np.zeros((1, 9, 9, 3), np.float32)
-    x[0, 0, 0] = 1.0  # only the top-left pixel is lit
-    v = jax.jit(model.init)(jax.random.key(0), x)
-    k = np.asarray(v["params"]["conv1"]["kernel"])
-    stem = _conv(model.conv_def(), stem_convs(model.spec, 3)[0], "conv1")  # the model's own stem conv
-    conv = stem.apply({"params": v["params"]["conv1"]}, x)
-    # Output (0, 0) of a 7x7/2 conv with pad 3 sees input (0, 0) at kernel tap (3, 3).
-    np.testing.assert_allclose(np.asarray(conv)[0, 0, 0], k[3, 3].sum(0), rtol=1e-6)
 
 
 def test_features_and_train_keyword():

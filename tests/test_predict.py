@@ -133,8 +133,9 @@ def test_overrides_float_npz_and_the_text_report(weights, capsys, tmp_path):
     rc, out, err = _run(capsys, "predict", tmp_path / "f.npz", "--weights", path, "--resize", 0, "--crop", 0, "--mean", 0.5, "--std", 0.25, "--top-k", 2)
     lines = out.splitlines()
     assert rc == 0 and lines[0].startswith(f"weights     {path} (resnet18, 1000 classes") and lines[1].startswith("preprocess  no resize")
-    assert lines[2] == f"{tmp_path / 'f.npz'}[0]" and len(lines) == 8
-    for i, (line, t) in enumerate(zip(lines[3:5], got["results"][0]["top"]), 1):
+    assert lines[2] == "labels      1000 from torchvision (ImageNet-1k)"
+    assert lines[3] == f"{tmp_path / 'f.npz'}[0]" and len(lines) == 9
+    for i, (line, t) in enumerate(zip(lines[4:6], got["results"][0]["top"]), 1):
         assert line == f"  {i}. {t['prob']:.4f}  class {t['class']:>5}" + (f"  {t['label']}" if t["label"] else "")
 
 

@@ -43,10 +43,9 @@ def _save_torch(variables, path):
 
 @pytest.mark.parametrize("suffix", [".pth", ".msgpack"])
 def test_load_pretrained_replaces_head(r18, tmp_path, suffix):
-    ckpt = pytest.importorskip("flax_resnet.checkpoint")
     model, variables = r18
     path = tmp_path / f"r18{suffix}"
-    _save_torch(variables, path) if suffix == ".pth" else ckpt.save(path, jax.device_get(variables))
+    _save_torch(variables, path) if suffix == ".pth" else flax_resnet.save(path, jax.device_get(variables))
     m2, v2 = training.load_pretrained(path, num_classes=3, dtype=jnp.bfloat16)
     assert m2.num_classes == 3 and m2.dtype == jnp.bfloat16 and m2.spec.name == "resnet18"
     assert v2["params"]["fc"]["kernel"].shape == (512, 3)
@@ -184,7 +183,6 @@ def test_cli_help_lists_choices_and_defaults(capsys):
 
 
 def test_cli_init_and_freeze(r18, tmp_path):
-    pytest.importorskip("flax_resnet.checkpoint")
     model, variables = r18
     init = _save_torch(variables, tmp_path / "r18.pth")  # converted torch weights
     npz = _write_npz(tmp_path / "tiny.npz", size=16)  # grey images: repeated to the checkpoint's 3 channels
@@ -211,7 +209,7 @@ def test_cli_init_and_freeze(r18, tmp_path):
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        (["--arch", "resnet51"], "argument --arch: invalid choice: 'resnet51'"),
+        (["--arch", "resnet51"], "argument --arch: unknown architecture 'resnet51'; did you mean 'resnet"),
         (["--dataset", "/nonexistent/x.npz"], "no such dataset file"),
         (["--dataset", "BADNPZ"], "lacks array(s) images, labels"),
         (["--dataset", "digits", "--num-classes", "5"], "digits has 10 classes, not --num-classes 5"),

@@ -144,9 +144,9 @@ def test_cli_trains_digits_on_4_devices_in_bfloat16(tmp_path):
     assert rec["epoch"] == 1 and np.isfinite(rec["test_loss"]) and rec["images_per_sec"] > 0
     assert (work / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # Mixed precision: the checkpoint holds float32 params and statistics.
-    from flax_resnet import checkpoint
+    from flax_resnet import io
 
-    report = checkpoint.inspect(work / "checkpoints")
+    report = io.inspect(work / "checkpoints")
     assert report["arch"] == "resnet18" and report["num_classes"] == 10 and set(report["dtypes"]) == {"float32"}, report
 
 

@@ -133,6 +133,34 @@ class ResNet(nn.Module):
         return self.forward_intermediates(x)["logits"]
 
 
+def build(config) -> ResNet:
+    """The torch reference of a ``flax_resnet.ModelConfig``: the model the Flax side builds from the same description.
+
+    Every setting that changes numbers is applied: architecture, input
+    channels, classes, layout (conv biases), ``stride_in_1x1``, BatchNorm
+    momentum (Flax's convention: torch's is ``1 - bn_momentum``) and eps,
+    ``zero_init_residual`` (each block's last BN scale 0). Dtype, precision,
+    ``scan_blocks`` and ``remat`` are the Flax side's execution; the model is
+    float32, in eval mode.
+
+    Raises:
+        ValueError: the transformers layout (transformers' own
+            ``ResNetForImageClassification`` is its reference:
+            ``parity.hf``), or conv biases outside the seed layout.
+    """
+    if config.layout == "transformers":
+        raise ValueError("torch_ref builds the seed and torchvision layouts; the transformers layout's reference is transformers' ResNetForImageClassification (parity.hf)")
+    if bool(config.conv_bias) != (config.layout == "seed"):
+        raise ValueError(f"torch_ref: conv_bias={config.conv_bias} has no {config.layout} layout (conv biases are the seed layout's)")
+    model = ResNet(config.spec, img_channels=config.in_channels, num_classes=config.num_classes, layout=config.layout, stride_in_1x1=config.stride_in_1x1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum, m.eps = 1.0 - config.bn_momentum, config.bn_eps
+        if config.zero_init_residual and isinstance(m, Block):
+            nn.init.zeros_(getattr(m, f"bn{m.n}").weight)
+    return model.float().eval()
+
+
 def _factory(name: str):
     def make(img_channels: int = 3, num_classes: int = 1000, layout: str = "torchvision", **kwargs) -> ResNet:
         return ResNet(name, img_channels=img_channels, num_classes=num_classes, layout=layout, **kwargs)

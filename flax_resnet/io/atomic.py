@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from flax_resnet.io.common import check_interrupt
+from flax_resnet.io.common import check_interrupt, one_line
 
 
 def _is_orbax_dir(p: Path) -> bool:
@@ -151,12 +151,8 @@ def atomic_output(path: str | os.PathLike, fmt: str, force: bool = False) -> Ite
             with contextlib.suppress(OSError):
                 d.rmdir()
         if isinstance(e, OSError) and not str(e).startswith(str(p)):  # name the user's path, not our temporary one
-            raise type(e)(f"{p}: cannot write ({e.strerror or one_line_os(e)})") from None
+            raise type(e)(f"{p}: cannot write ({e.strerror or one_line(e)})") from None
         raise
-
-
-def one_line_os(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def write_bytes(tmp: Path, write: Callable[[Any], None]) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from flax import traverse_util
 
+from flax_resnet.validate import is_float
+
 FLAX_COLLECTIONS = ("params", "batch_stats")
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16, "float64": np.float64}
 MAX_TREE_DEPTH = 16  # a Flax ResNet tree is 7 levels deep (params/layer1/rest/0/downsample/0/kernel)
@@ -23,8 +25,11 @@ class CheckpointError(ValueError):
 
 
 def one_line(text: Any, limit: int = 300) -> str:
-    """``text`` on one line, cut to ``limit`` characters."""
-    s = " ".join(str(text).split())
+    """``text`` (or an exception's message, else its type name) on one line, cut to ``limit`` characters.
+
+    The project's one error-message helper (the hub, file writes and the CLI use it).
+    """
+    s = " ".join(str(text).split()) or (type(text).__name__ if isinstance(text, BaseException) else "")
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
@@ -48,12 +53,6 @@ def as_dtype(dtype: Any):
     if not np.issubdtype(d, np.floating):
         raise ValueError(f"dtype must be floating point, got {d}")
     return d
-
-
-def is_float(a: Any) -> bool:
-    """Whether an array (or dtype) is floating point, bfloat16 included."""
-    d = np.dtype(getattr(a, "dtype", a))
-    return np.issubdtype(d, np.floating) or d.name == "bfloat16"
 
 
 def cast_tree(tree: Any, dtype) -> Any:
@@ -108,6 +107,13 @@ def to_numpy_tree(tree: Any) -> Any:
 
 def tree_size(tree: Mapping) -> int:
     return int(sum(np.size(v) for v in flat(tree).values()))
+
+
+def path_bytes(path: Path) -> int:
+    """Size of a file, or of every file under a directory."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
 
 
 def tree_dtype(tree: Mapping) -> str:

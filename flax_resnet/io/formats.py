@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from flax_resnet.io import npz, orbax_io, torch_pickle
+from flax_resnet.convert import ConversionError, infer_config, infer_flax_config, leaves, normalize_state_dict
+from flax_resnet.io import hf_dir, npz, orbax_io, torch_pickle
 from flax_resnet.io.atomic import write_bytes
 from flax_resnet.io.common import (
     FLAX_COLLECTIONS,
@@ -90,8 +91,6 @@ def _strip_shared_prefix(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarra
 
 def torch_keys(raw: Mapping[str, Any], p: Path) -> tuple[dict[str, np.ndarray], str]:
     """A state_dict without ``module.``/``_orig_mod.``/shared prefixes, and the prefix stripped."""
-    from flax_resnet.convert import ConversionError, normalize_state_dict
-
     try:  # dense numeric tensors only: meta, sparse and float8 tensors are named
         sd = normalize_state_dict(raw)
     except ConversionError as e:
@@ -193,8 +192,6 @@ def _check_npz_sizes(p: Path) -> None:
     ``npz.members`` refuses bombs and lying headers whatever the keys; this adds
     the architecture's own bound where the keys name one.
     """
-    from flax_resnet.convert import ConversionError, infer_config, infer_flax_config, leaves
-
     declared = {k: (m.shape, m.dtype) for k, m in npz.members(p, CheckpointError).items()}
     stubs = {k: np.lib.stride_tricks.as_strided(np.zeros(1, d if d.kind in "biufcV" else np.uint8), shape, (0,) * len(shape)) for k, (shape, d) in declared.items()}
     nbytes = {k: int(np.prod(shape, dtype=np.float64)) * d.itemsize for k, (shape, d) in declared.items()}
@@ -290,11 +287,10 @@ def read(path: str | os.PathLike) -> Checkpoint:
     Raises:
         FileNotFoundError, IsADirectoryError, CheckpointError.
     """
-    from flax_resnet.io import hf_dir
-
     if hf_dir.is_model_dir(Path(path)):  # a Hugging Face model directory: config.json + weights
-        ck, extra = hf_dir.read_model_dir(Path(path), read)
-        return dataclasses.replace(ck, path=Path(path), meta={**ck.meta, **extra})
+        cfg = hf_dir.read_config(Path(path))  # the config first: it is small, the weights are not
+        ck = read(hf_dir.weights_file(Path(path)))
+        return dataclasses.replace(ck, path=Path(path), meta={**ck.meta, **hf_dir.read_model_dir(Path(path), ck, cfg)})
     fmt = detect_format(path)
     ck = READERS[fmt](Path(path))
     check_interrupt()

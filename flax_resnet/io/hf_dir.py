@@ -56,6 +56,7 @@ class DirConfig:
         stride_in_1x1: transformers' ``downsample_in_bottleneck`` (ResNet v1).
         downsample_in_first_stage: transformers' stride-2 first stage flag.
         preprocess: the evaluation transform (``None`` unless asked for).
+        tags: timm's pretrained ``tag`` and ``hf_hub_id``, where they are strings.
     """
 
     path: Path
@@ -67,6 +68,7 @@ class DirConfig:
     stride_in_1x1: bool = False
     downsample_in_first_stage: bool = False
     preprocess: Any = None
+    tags: tuple[str, ...] = ()
 
 
 def _int(cfg: dict, key: str, where: str, lo: int = 1, hi: int = MAX_CLASSES) -> int:
@@ -159,14 +161,19 @@ def read_config(p: Path, preprocessing: bool = False, name: str | None = None) -
     label = name or str(p)
     if "architecture" in cfg or "pretrained_cfg" in cfg:  # timm's push_to_hub config
         arch = _timm_arch(cfg, where)
+        pcfg = cfg.get("pretrained_cfg")
+        pcfg = pcfg if isinstance(pcfg, dict) else {}  # checked below when the preprocessing is read
         num_classes = _int(cfg, "num_classes", where) if "num_classes" in cfg else None
+        if num_classes is None and "num_classes" in pcfg:
+            num_classes = _int(pcfg, "num_classes", f"{where} pretrained_cfg")
+        tags = tuple(t for t in (pcfg.get("tag"), pcfg.get("hf_hub_id")) if isinstance(t, str))
         labels = _label_names(cfg.get("label_names"), where)
         if labels is not None and num_classes is not None and len(labels) != num_classes:
             labels = None
         prep = None
         if preprocessing:
             prep = _preset(pp.timm_preset, cfg.get("pretrained_cfg", {}), f"{where} pretrained_cfg", f"timm pretrained_cfg of {label}")
-        return DirConfig(path, "timm", arch, labels, num_classes, preprocess=prep)
+        return DirConfig(path, "timm", arch, labels, num_classes, preprocess=prep, tags=tags)
     if cfg.get("model_type") != "resnet":
         raise CheckpointError(
             f"{where}: neither a transformers ResNet (model_type {one_line(repr(cfg.get('model_type')), 60)}) nor a timm config (no 'architecture')"
@@ -220,37 +227,42 @@ def _check_transformers(cfg: DirConfig, found, where: str) -> dict:
     return meta
 
 
-def read_model_dir(p: Path, read_file) -> tuple[Any, dict]:
-    """Reads a model directory's weights with ``read_file`` and checks them against ``config.json``.
-
-    Args:
-        p: the directory.
-        read_file: the single-file reader (``formats.read``).
-
-    Returns:
-        ``(checkpoint, meta)``: the weights file's ``Checkpoint`` and the
-        metadata the directory adds (``arch`` for timm, ``stride_in_1x1``,
-        ``labels``, ``source``).
-
-    Raises:
-        CheckpointError: no weights file, an unreadable or contradicting
-            ``config.json``, an unknown timm architecture (one line each).
-    """
-    where = str(p / "config.json")
-    cfg = read_config(p)
+def weights_file(p: Path) -> Path:
+    """The weights file of model directory ``p`` (``CheckpointError`` if it has none)."""
     weights = next((p / f for f in WEIGHT_FILES if (p / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{p}: a model directory without weights (no {' or '.join(WEIGHT_FILES)} next to config.json)")
+    return weights
+
+
+def read_model_dir(p: Path, ck: Any, cfg: DirConfig | None = None) -> dict:
+    """Checks a model directory's weights against its ``config.json``.
+
+    Args:
+        p: the directory.
+        ck: the ``Checkpoint`` that ``formats.read`` made of ``weights_file(p)``.
+        cfg: ``read_config(p)``, if already read.
+
+    Returns:
+        The metadata the directory adds (``arch`` for timm, ``stride_in_1x1``,
+        ``labels``, ``source``).
+
+    Raises:
+        CheckpointError: an unreadable or contradicting ``config.json``, an
+            unknown timm architecture (one line each).
+    """
+    where = str(p / "config.json")
+    cfg = cfg or read_config(p)
+    weights = ck.path
     if cfg.source == "timm":
         meta: dict[str, Any] = {"source": "timm", "arch": cfg.arch}
         if cfg.labels:
             meta["labels"] = list(cfg.labels)
-        return read_file(weights), meta
-    ck = read_file(weights)
+        return meta
     if ck.keys != "torch":
         raise CheckpointError(f"{weights}: expected a torch state_dict in a transformers model directory")
     try:
         found = infer_config(ck.tensors, layout="transformers")
     except ConversionError as e:
         raise ConversionError(f"a transformers ResNet from {weights}", e.missing, e.unexpected, e.mismatched, e.other) from None
-    return ck, _check_transformers(cfg, found, where)
+    return _check_transformers(cfg, found, where)

@@ -11,17 +11,10 @@ import numpy as np
 
 from flax_resnet.convert import ConversionError, infer_config, infer_flax_config, nonfinite
 from flax_resnet.io.atomic import check_output
-from flax_resnet.io.common import as_dtype, deferred_interrupts, one_line, tree_size
+from flax_resnet.io.common import as_dtype, deferred_interrupts, one_line, path_bytes, tree_size
 from flax_resnet.io.formats import read
 from flax_resnet.io.resolve import OUTPUT_LAYOUTS, resolve, write_resolved
 from flax_resnet.io.sniff import FORMATS, check_input, format_for_path
-
-
-def path_bytes(path: Path) -> int:
-    """Size of a file, or of every file under a directory."""
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return path.stat().st_size
 
 
 def _dtype_counts(arrays: Mapping[str, Any]) -> dict[str, int]:

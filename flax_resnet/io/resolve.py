@@ -11,13 +11,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from flax_resnet.archs import get_arch
+from flax import nnx
+
+from flax_resnet.archs import check_layout, get_arch
+from flax_resnet.builder import build, check_api, model_config
+from flax_resnet.config import DTYPES, ModelConfig, dtype_of, split_settings
 from flax_resnet.convert import (
     ConversionError,
-    ModelConfig,
     check_finite,
     check_variables,
     flax_to_torch,
+    is_float,
     infer_config,
     infer_flax_config,
     is_stacked,
@@ -36,13 +40,15 @@ from flax_resnet.io.common import (
     cast_tree,
     deferred_interrupts,
     flat,
-    is_float,
+    path_bytes,
     to_numpy_tree,
     tree_dtype,
     tree_size,
 )
 from flax_resnet.io.formats import META_VERSION, SAFETENSORS_META_KEY, Checkpoint, read
 from flax_resnet.io.sniff import FLAX_NATIVE, FORMATS, format_for_path
+from flax_resnet.nnx.convert import from_linen, to_linen
+from flax_resnet.nnx.model import ResNet as NNXResNet
 
 OUTPUT_LAYOUTS = ("torchvision", "seed", "transformers", "flax")
 TORCH_LAYOUTS = ("torchvision", "seed", "transformers")
@@ -118,12 +124,6 @@ def apply_nbt(sd: dict[str, np.ndarray], cfg: ModelConfig, nbt: Any) -> dict[str
 # validation
 
 
-def check_layout(arch: str, layout: str) -> None:
-    from flax_resnet.archs import check_layout as check
-
-    check(get_arch(arch), layout)
-
-
 def relayout(variables: dict, cfg: ModelConfig, layout: str) -> dict:
     """Flax variables in another layout: conv biases folded into BN (torchvision) or zero (seed)."""
     if layout == cfg.layout:
@@ -176,19 +176,44 @@ def resolve(ck: Checkpoint, arch: str | None = None, layout: str | None = None, 
             fcfg, has_bias = infer_flax_config(tree)
         except ConversionError as e:
             raise ConversionError(f"Flax ResNet variables from {where}", e.missing, e.unexpected, e.mismatched, e.other) from None
-        cfg = ModelConfig(fcfg.arch, "seed" if has_bias else "torchvision", fcfg.num_classes, fcfg.in_channels)
+        cfg = ModelConfig(fcfg.arch, "seed" if has_bias and fcfg.spec.has_seed_layout else "torchvision", fcfg.num_classes, fcfg.in_channels, conv_bias=has_bias)
         if arch is not None and arch != cfg.arch:
-            check_variables(tree, dataclasses.replace(cfg, arch=arch), f"{arch} from {where} (which holds {cfg.arch})")
+            check_variables(tree, cfg.replace(arch=arch), f"{arch} from {where} (which holds {cfg.arch})")
         check_variables(tree, cfg, f"{cfg.arch} ({cfg.layout} layout) from {where}")
         variables = {c: tree[c] for c in FLAX_COLLECTIONS if c in tree}
         nbt = _nbt_from_meta(ck.meta, where)
     if not allow_nonfinite:
         check_finite(ck.flat(), where, CheckpointError)
+    cfg = stored_config(cfg, ck.meta, where, flax_keys=ck.keys != "torch")
     if layout is not None and layout != cfg.layout:
-        check_layout(cfg.arch, layout)
+        check_layout(get_arch(cfg.arch), layout)
         variables = relayout(variables, cfg, layout)
-        cfg = dataclasses.replace(cfg, layout=layout)
+        cfg = cfg.replace(layout=layout)
     return Resolved(cfg, variables, nbt, ck)
+
+
+def stored_config(found: ModelConfig, meta: Mapping, where: str, flax_keys: bool = False) -> ModelConfig:
+    """``found`` (what the weights hold) with the settings the file's metadata stores.
+
+    ``meta["config"]`` is the ``ModelConfig.to_dict()`` that ``save`` writes;
+    its architecture, classes and input channels must be the weights'. Torch
+    keys fix the layout; Flax keys keep the stored one (e.g. ``"transformers"``)
+    while it agrees with the conv biases. Older files and model directories
+    store at most ``stride_in_1x1``.
+    """
+    stored = meta.get("config") if meta else None
+    if stored is None:
+        return found.replace(stride_in_1x1=True) if meta and meta.get("stride_in_1x1") is True else found
+    try:
+        saved = ModelConfig.from_dict(stored)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: metadata config: {e}") from None
+    held, says = (found.spec, found.num_classes, found.in_channels), (saved.spec, saved.num_classes, saved.in_channels)
+    if says != held:
+        raise CheckpointError(f"{where}: metadata config describes {saved.spec.name} ({saved.num_classes} classes, {saved.in_channels} channels) but the weights hold {found.spec.name} ({found.num_classes}, {found.in_channels})")
+    if flax_keys and saved.conv_bias == found.conv_bias:
+        return saved.replace(arch=found.arch, layout=saved.layout, conv_bias=saved.conv_bias)
+    return saved.replace(arch=found.arch, layout=found.layout, conv_bias=found.conv_bias)
 
 
 # ---------------------------------------------------------------------------
@@ -196,9 +221,9 @@ def resolve(ck: Checkpoint, arch: str | None = None, layout: str | None = None, 
 
 
 def torch_state(r: Resolved, layout: str) -> dict[str, np.ndarray]:
-    check_layout(r.config.arch, layout)
+    check_layout(get_arch(r.config.arch), layout)
     sd = flax_to_torch(r.variables, layout=layout)
-    return apply_nbt(sd, dataclasses.replace(r.config, layout=layout), r.num_batches_tracked)
+    return apply_nbt(sd, r.config.replace(layout=layout), r.num_batches_tracked)
 
 
 def read_state_dict(path: str | os.PathLike, layout: str | None = None) -> dict[str, np.ndarray]:
@@ -219,12 +244,21 @@ def read_state_dict(path: str | os.PathLike, layout: str | None = None) -> dict[
 
 
 def load_variables(
-    path: str | os.PathLike, arch: str | None = None, layout: str | None = None, param_dtype: Any = None, allow_nonfinite: bool = False
+    path: str | os.PathLike, arch: str | None = None, layout: str | None = None, param_dtype: Any = None, allow_nonfinite: bool = False,
+    **settings: Any,
 ) -> tuple[ModelConfig, dict]:
-    """``(config, variables)`` (unrolled) from any supported file; see ``load``."""
+    """``(config, variables)`` (unrolled) from any supported file; see ``load``.
+
+    The config is the weights' (architecture, layout, classes, input
+    channels, param dtype) with the settings the file stores (``save``'s
+    metadata, a model directory's ``config.json``), then ``settings``
+    (``ModelConfig`` fields) on top.
+    """
     with deferred_interrupts():
         r = resolve(read(path), arch, layout, allow_nonfinite)
-    return r.config, cast_tree(r.variables, as_dtype(param_dtype))
+    variables = cast_tree(r.variables, as_dtype(param_dtype))
+    dtype = dtype_of(variables)
+    return r.config.replace(**({"param_dtype": dtype} if dtype else {}), **settings), variables
 
 
 def load(
@@ -250,48 +284,33 @@ def load(
         layout: ``"torchvision"`` or ``"seed"`` for the returned variables
             (conv biases folded into BN or added as zeros); ``None`` keeps
             the file's.
-        dtype: the model's compute dtype (``ResNet.dtype``, e.g.
-            ``jnp.bfloat16`` for mixed precision), as in ``from_torch``.
+        dtype: the model's compute dtype (``ModelConfig.dtype``, e.g.
+            ``jnp.bfloat16`` for mixed precision); ``None`` keeps the stored one.
         allow_nonfinite: accept NaN/Inf weights.
         param_dtype: cast floating variables (``"float32"``, ``"bfloat16"``
             or a dtype); ``None`` keeps the file's.
         api: ``"linen"``, or ``"nnx"`` for a ``flax_resnet.nnx.ResNet``
-            holding the weights (``flax_resnet.nnx.from_linen``).
-        **model_kwargs: more ``ResNet`` attributes (``precision``, ...);
-            ``scan_blocks=True`` returns the stacked variables it needs,
-            whichever tree the file holds.
+            holding the weights; both are ``flax_resnet.build`` of the one
+            config ``load_variables`` returns.
+        **model_kwargs: more ``ModelConfig`` fields (``precision``, ...)
+            over the stored ones, and ``axis_name``; ``scan_blocks=True``
+            returns the stacked variables it needs, whichever tree the file holds.
 
     Returns:
         ``(model, variables)``: a ``flax_resnet.ResNet`` and
         ``{"params", "batch_stats"}`` of numpy arrays for ``model.apply``;
         with ``api="nnx"``, the NNX model alone (in train mode, as every new
-        NNX model).
+        NNX model). ``flax_resnet.model_config(model, variables)`` is the
+        config ``load_variables`` returns.
     """
-    from flax_resnet.model import ResNet
-
-    if api not in ("linen", "nnx"):
-        raise ValueError(f"unknown api {api!r}; choose 'linen' or 'nnx'")
-
-    with deferred_interrupts():
-        r = resolve(read(path), arch, layout, allow_nonfinite)
-    cfg, variables = r.config, cast_tree(r.variables, as_dtype(param_dtype))
-    kwargs: dict[str, Any] = {}
-    if r.source.meta.get("stride_in_1x1"):  # ResNet v1, known only from a config or metadata
-        kwargs["stride_in_1x1"] = True
-    dtypes = {np.asarray(v).dtype for v in flat(variables["params"]).values()}
-    if len(dtypes) == 1:
-        kwargs["param_dtype"] = dtypes.pop()
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    kwargs.update(model_kwargs)
-    if kwargs.get("scan_blocks"):
+    check_api(api)
+    settings, runtime = split_settings(model_kwargs)
+    cfg, variables = load_variables(path, arch, layout, param_dtype, allow_nonfinite, **({"dtype": dtype} if dtype is not None else {}), **settings)
+    if cfg.scan_blocks:
         variables = stack_blocks(variables)
     if api == "nnx":
-        from flax_resnet.nnx import from_linen
-
-        return from_linen(cfg.arch, variables, allow_nonfinite=True, **kwargs)  # resolve() applied the finite rule
-    model = ResNet(arch=cfg.arch, num_classes=cfg.num_classes, conv_bias=cfg.conv_bias, **kwargs)
-    return model, variables
+        return from_linen(nnx.eval_shape(lambda: build(cfg, "nnx", **runtime)), variables, allow_nonfinite=True)  # load_variables applied the finite rule
+    return build(cfg, **runtime), variables
 
 
 # ---------------------------------------------------------------------------
@@ -309,6 +328,7 @@ def _meta_for(cfg: ModelConfig, variables: Mapping, nbt: Any, extra: Mapping | N
         "dtype": tree_dtype(variables.get("params", {})),
     }
     meta.update(extra or {})
+    meta["config"] = cfg.replace(**({"param_dtype": meta["dtype"]} if meta["dtype"] in DTYPES else {})).to_dict()
     return meta
 
 
@@ -319,19 +339,19 @@ def write_resolved(p: Path, fmt: str, r: Resolved, layout: str | None, force: bo
     if layout == "flax" and fmt == "pth":
         raise ValueError("layout 'flax' (flattened Flax keys) is for .safetensors/.npz outputs; a .pth holds a torch state_dict")
     if layout in TORCH_LAYOUTS:
-        check_layout(r.config.arch, layout)
+        check_layout(get_arch(r.config.arch), layout)
     flax_keys = fmt in FLAX_NATIVE or layout == "flax"
     if flax_keys:
         if layout in TORCH_LAYOUTS and layout != r.config.layout:
             variables = relayout(r.variables, r.config, layout)
-            cfg = dataclasses.replace(r.config, layout=layout)
+            cfg = r.config.replace(layout=layout)
         else:
             variables, cfg = r.variables, r.config
         variables = cast_tree(variables, dtype)
         tensors = flat({c: variables[c] for c in FLAX_COLLECTIONS if c in variables})
         num_params, num_stats = tree_size(variables["params"]), tree_size(variables.get("batch_stats", {}))
     else:
-        cfg = dataclasses.replace(r.config, layout=layout or r.config.layout)
+        cfg = r.config.replace(layout=layout) if layout else r.config
         tensors = cast_tree(torch_state(r, cfg.layout), dtype)  # fold seed biases in full precision, then cast
         variables = cast_tree(r.variables, dtype)
         num_params = sum(int(np.size(v)) for k, v in tensors.items() if not k.endswith(BN_STATS))
@@ -351,8 +371,6 @@ def write_resolved(p: Path, fmt: str, r: Resolved, layout: str | None, force: bo
             formats.write_pth(tmp, tensors)
         else:
             raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    from flax_resnet.io.report import path_bytes
-
     return {
         "path": str(p),
         "format": fmt,
@@ -377,6 +395,7 @@ def save(
     force: bool = False,
     meta: Mapping[str, Any] | None = None,
     allow_nonfinite: bool = False,
+    config: ModelConfig | None = None,
 ) -> dict:
     """Writes Flax variables (or a torch state_dict) to a checkpoint, atomically.
 
@@ -399,6 +418,12 @@ def save(
         force: overwrite an existing output.
         meta: extra metadata to store (e.g. ``{"num_batches_tracked": 3}``).
         allow_nonfinite: write NaN/Inf weights instead of refusing.
+        config: the model's ``ModelConfig`` (``flax_resnet.model_config(model,
+            variables)``), stored in the metadata of ``.msgpack``, Orbax,
+            ``.safetensors`` and ``.npz`` outputs so that ``load`` rebuilds the
+            same model (v1 strides, dtypes, precision, BN settings, ...); an
+            NNX model's own config is used when ``variables`` is one. Without
+            it the settings the weights cannot show take their defaults.
 
     Returns:
         ``{"path", "format", "keys", "layout", "arch", "num_classes",
@@ -408,15 +433,17 @@ def save(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_output(path, fmt, force)
-    if type(variables).__module__.startswith("flax_resnet.nnx"):  # an NNX model: its Linen variables
-        from flax_resnet.nnx import to_linen
-
+    if isinstance(variables, NNXResNet):  # an NNX model: its Linen variables and its config
+        config = model_config(variables) if config is None else config
         variables = to_linen(variables)
+    if config is not None and not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a flax_resnet.ModelConfig, got {type(config).__name__}")
+    stored = {**(meta or {}), **({"config": config.to_dict()} if config is not None else {})}
     with deferred_interrupts():
         if "params" in variables:
             tree = to_numpy_tree({k: variables[k] for k in FLAX_COLLECTIONS if k in variables})
-            ck = Checkpoint(Path("<variables>"), "memory", "flax", tree, dict(meta or {}))
+            ck = Checkpoint(Path("<variables>"), "memory", "flax", tree, stored)
         else:
-            ck = Checkpoint(Path("<state_dict>"), "memory", "torch", normalize_state_dict(variables))
+            ck = Checkpoint(Path("<state_dict>"), "memory", "torch", normalize_state_dict(variables), stored)
         r = resolve(ck, allow_nonfinite=allow_nonfinite)
         return write_resolved(Path(path), fmt, r, layout, force, meta, as_dtype(dtype))

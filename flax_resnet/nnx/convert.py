@@ -17,16 +17,16 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from flax_resnet.archs import ArchSpec, get_arch
+from flax_resnet.config import ModelConfig, dtype_of, split_settings
 from flax_resnet.convert import (
     ConversionError,
-    ModelConfig,
-    _state_dict_variables,
     check_finite,
     check_variables,
     flax_to_torch,
     infer_flax_config,
     is_stacked,
     stack_blocks,
+    state_dict_variables,
     unstack_blocks,
 )
 from flax_resnet.nnx.model import ResNet
@@ -64,20 +64,21 @@ def to_linen(model: ResNet | nnx.State) -> dict[str, dict]:
     return {c: traverse_util.unflatten_dict(t) for c, t in flat.items()}
 
 
-def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, Any], allow_nonfinite: bool = False, **model_kwargs: Any) -> ResNet:
+def from_linen(model_or_arch: ResNet | ModelConfig | str | ArchSpec, variables: Mapping[str, Any], allow_nonfinite: bool = False, **model_kwargs: Any) -> ResNet:
     """An NNX ResNet holding Linen ResNet variables (exactly; the arrays are placed, not changed).
 
     Args:
-        model_or_arch: an ``flax_resnet.nnx.ResNet`` to fill in place, or an
-            architecture name / ``ArchSpec`` to build one for (num_classes,
-            input channels, conv bias and dtype come from ``variables``; no
-            weights are initialized).
+        model_or_arch: an ``flax_resnet.nnx.ResNet`` to fill in place, a
+            ``ModelConfig`` to build one for, or an architecture name /
+            ``ArchSpec`` (num_classes, input channels, conv bias, param dtype
+            and ``scan_blocks`` then come from ``variables``). No weights are
+            initialized.
         variables: ``{"params": ..., "batch_stats": ...}`` of
             ``flax_resnet.ResNet``, unrolled or stacked (``scan_blocks``);
             restacked to the model's form.
-        **model_kwargs: with an architecture, more ``ResNet`` arguments
-            (``dtype``, ``scan_blocks``, ``remat``, ``precision``, ...);
-            ``scan_blocks`` defaults to the form of ``variables``.
+        **model_kwargs: with an architecture or config, more ``ModelConfig``
+            fields (``dtype``, ``scan_blocks``, ``remat``, ``precision``, ...)
+            and ``axis_name``.
         allow_nonfinite: accept NaN/Inf values (refused by default: the one
             rule of ``flax_resnet.convert.check_finite``).
 
@@ -94,19 +95,24 @@ def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, A
         raise ConversionError(target, other=[f"expected Linen variables (a mapping), got {type(variables).__name__}"])
     if isinstance(model_or_arch, ResNet):
         if model_kwargs:
-            raise TypeError(f"model arguments {sorted(model_kwargs)} only apply when building from an architecture name")
+            raise TypeError(f"model arguments {sorted(model_kwargs)} only apply when building from an architecture name or config")
         model = model_or_arch
     else:
-        spec = get_arch(model_or_arch)
-        cfg, has_bias = infer_flax_config(variables)
-        dtype = np.dtype(jax.tree.leaves(variables["params"])[0].dtype)
-        kw = dict(conv_bias=has_bias, param_dtype=dtype, scan_blocks=is_stacked(variables))
-        kw.update(model_kwargs)
-        model = nnx.eval_shape(lambda: ResNet(spec, cfg.num_classes, cfg.in_channels, rngs=nnx.Rngs(0), **kw))
+        settings, runtime = split_settings(model_kwargs)
+        if isinstance(model_or_arch, ModelConfig):
+            cfg = model_or_arch.replace(**settings)
+        else:
+            found, has_bias = infer_flax_config(variables)
+            dtype = dtype_of(variables)
+            cfg = ModelConfig(
+                model_or_arch, "seed" if has_bias and get_arch(model_or_arch).has_seed_layout else "torchvision", found.num_classes, found.in_channels,
+                conv_bias=has_bias, scan_blocks=is_stacked(variables), **({"param_dtype": dtype} if dtype else {}),
+            ).replace(**settings)
+        model = nnx.eval_shape(lambda: ResNet.from_config(cfg, **runtime))
 
     unrolled = unstack_blocks(variables) if is_stacked(variables) else variables
     layout = "seed" if model.conv_bias else "torchvision"
-    check_variables(unrolled, ModelConfig(model.arch, layout, model.num_classes, model.in_channels), f"NNX {model.arch}")
+    check_variables(unrolled, ModelConfig(model.spec, layout, model.num_classes, model.in_channels, conv_bias=model.conv_bias), f"NNX {model.arch}")
     if not allow_nonfinite:
         check_finite(traverse_util.flatten_dict(dict(unrolled), sep="/"), f"NNX {model.arch}")
     tree = stack_blocks(unrolled) if model.scan_blocks else unrolled
@@ -120,37 +126,32 @@ def from_linen(model_or_arch: ResNet | str | ArchSpec, variables: Mapping[str, A
     return model
 
 
-def from_torch(
-    state_dict: Mapping[str, Any],
-    arch: str | None = None,
-    layout: str | None = None,
-    param_dtype: Any = None,
-    scan_blocks: bool = False,
-    allow_nonfinite: bool = False,
-    **model_kwargs: Any,
-) -> ResNet:
+def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: str | None = None, param_dtype: Any = None, scan_blocks: bool = False, allow_nonfinite: bool = False, **model_kwargs: Any) -> ResNet:
     """The NNX ResNet of a torch state_dict (every layout ``flax_resnet.from_torch`` reads).
 
     Args:
         state_dict: a torch ResNet state_dict (tensors or numpy arrays;
             ``module.``/``_orig_mod.`` prefixes are stripped).
         arch: force the architecture (else inferred from keys and shapes).
-        layout: force the layout (``"torchvision"`` or ``"seed"``).
+        layout: force the layout (``"torchvision"``, ``"seed"``, ``"transformers"``).
         param_dtype: cast the weights to this dtype (else the source's).
         scan_blocks: stack each stage's repeated blocks (``nnx.scan``).
         allow_nonfinite: accept NaN/Inf weights (refused by default, as
             ``flax_resnet.from_torch`` does).
-        **model_kwargs: more ``ResNet`` arguments (``dtype``, ``precision``,
-            ``stride_in_1x1``, ``remat``, ...).
+        **model_kwargs: more ``ModelConfig`` fields (``dtype``, ``precision``,
+            ``stride_in_1x1``, ``remat``, ...) and ``axis_name``.
 
     Returns:
-        The model, in train mode (call ``model.eval()`` for inference).
+        The model, in train mode (call ``model.eval()`` for inference);
+        ``flax_resnet.model_config(model)`` is the config the Linen
+        ``from_torch`` gives for the same arguments.
 
     Raises:
         ConversionError: every missing key, unexpected key and shape mismatch at once.
     """
-    _, cfg, variables = _state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks)
-    return from_linen(cfg.arch, variables, allow_nonfinite=allow_nonfinite, scan_blocks=scan_blocks, **model_kwargs)
+    settings, runtime = split_settings(model_kwargs)
+    cfg, variables = state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks, allow_nonfinite, **settings)
+    return from_linen(cfg, variables, allow_nonfinite=True, **runtime)  # state_dict_variables applied the finite rule
 
 
 def to_torch(model: ResNet, layout: str = "torchvision", num_batches_tracked: int = 0) -> dict[str, np.ndarray]:

@@ -20,8 +20,10 @@ from flax import nnx
 
 from flax_resnet import archs, kernels
 from flax_resnet.archs import ArchSpec, BlockSpec, ConvSpec, get_arch, stem_convs
+from flax_resnet.config import ModelConfig
 from flax_resnet.layers import avg_pool_ceil
 from flax_resnet.layers import batch_norm
+from flax_resnet.settings import model_kwargs
 
 Dtype = Any
 
@@ -282,6 +284,11 @@ class ResNet(nnx.Module):
         remat: recompute each block's activations in the backward pass
             (``nnx.remat``).
         rngs: ``nnx.Rngs`` for the initializers (``params`` stream).
+        layout: the torch key layout the weights came from (see the Linen
+            ``ResNet.layout``).
+
+    ``flax_resnet.build(config, api="nnx")`` makes one from a
+    ``ModelConfig``; ``flax_resnet.model_config(model)`` gives it back.
     """
 
     def __init__(
@@ -302,6 +309,7 @@ class ResNet(nnx.Module):
         scan_blocks: bool = False,
         remat: bool = False,
         rngs: nnx.Rngs,
+        layout: str | None = None,
     ):
         spec = get_arch(arch)
         self.arch = spec.name
@@ -314,6 +322,11 @@ class ResNet(nnx.Module):
         self.param_dtype = param_dtype
         self.scan_blocks = scan_blocks
         self.remat = remat
+        self.zero_init_residual = zero_init_residual
+        self.precision = precision
+        self.bn_momentum = bn_momentum
+        self.bn_eps = bn_eps
+        self.layout = layout
         s = _Settings(conv_bias, dtype, param_dtype, precision, axis_name, bn_momentum, bn_eps)
         self.conv1 = _stem(spec, in_channels, s, rngs)
         self.bn1 = s.bn(spec.stem_channels)
@@ -330,6 +343,11 @@ class ResNet(nnx.Module):
             if num_classes
             else None
         )
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, rngs: nnx.Rngs | None = None, axis_name: str | None = None) -> "ResNet":
+        """The model ``config`` describes (``flax_resnet.build(config, api="nnx")``); ``rngs`` default ``nnx.Rngs(0)``."""
+        return cls(**model_kwargs(config), axis_name=axis_name, rngs=nnx.Rngs(0) if rngs is None else rngs)
 
     def intermediates(self, x: jax.Array, blocks: bool = False) -> dict[str, jax.Array]:
         """Runs the network and returns every parity point in order.

@@ -27,6 +27,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from flax_resnet.builder import model_config
+from flax_resnet.nnx.convert import from_linen, to_linen
 from flax_resnet.training import cross_entropy, make_optimizer, run_epoch, run_eval
 from flax_resnet.training import replicate as _replicate_tree
 
@@ -156,17 +158,13 @@ class TrainStateBridge:
     """
 
     def __init__(self, linen_model: Any, state: Any):
-        from flax_resnet.nnx.convert import from_linen
-
-        kw = {k: getattr(linen_model, k) for k in ("dtype", "precision", "stride_in_1x1", "scan_blocks", "remat", "bn_momentum", "bn_eps")}
-        self.model = from_linen(linen_model.spec.name, state.variables(), allow_nonfinite=True, **kw)  # a training state, not input
+        variables = state.variables()
+        self.model = from_linen(model_config(linen_model, variables), variables, allow_nonfinite=True, axis_name=linen_model.axis_name)  # a training state, not input
         self.optimizer = create_optimizer(self.model, state.tx)
         self.load(state)
 
     def load(self, state: Any) -> None:
         """Puts ``state``'s step, params, BatchNorm statistics and optimizer state into the NNX objects."""
-        from flax_resnet.nnx.convert import from_linen
-
         from_linen(self.model, state.variables(), allow_nonfinite=True)
         opt = _opt_variables(self.optimizer)
         given = {tuple(_key_name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
@@ -182,8 +180,6 @@ class TrainStateBridge:
 
     def to_state(self, state: Any) -> Any:
         """``state`` with the NNX objects' step, params, BatchNorm statistics and optimizer state."""
-        from flax_resnet.nnx.convert import to_linen
-
         variables = to_linen(self.model)
         opt = _opt_variables(self.optimizer)
         opt_state = jax.tree_util.tree_map_with_path(lambda path, _: opt[tuple(_key_name(k) for k in path)][...], state.opt_state)

@@ -26,7 +26,7 @@ Modules, one concern each:
   so a resumed run continues exactly as the uninterrupted one.
 * ``loops``: ``train_epoch`` and ``evaluate``, on ``run_epoch`` /
   ``run_eval``, which drive any front end's step (the NNX one too).
-* ``finetune``: ``replace_head`` and ``load_pretrained``.
+* ``finetune``: ``replace_head``, ``load_pretrained`` and ``weights_identity``.
 * ``logs``: a run's ``metrics.jsonl`` and ``curves.png`` (matplotlib only
   when plotting).
 """
@@ -40,7 +40,7 @@ from flax_resnet.training.devices import (
     replicate,
     shard_batch,
 )
-from flax_resnet.training.finetune import load_pretrained, replace_head
+from flax_resnet.training.finetune import load_pretrained, replace_head, weights_identity
 from flax_resnet.training.loops import evaluate, run_epoch, run_eval, train_epoch
 from flax_resnet.training.optim import decay_mask, make_optimizer, make_schedule, paper_lr, torch_sgd
 from flax_resnet.training.state import TrainState, create_train_state, cross_entropy, eval_step, train_step, train_step_fn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -24,6 +25,20 @@ def _abstract(tree: PyTree, sharding=None) -> PyTree:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
     return jax.tree.map(leaf, tree)
+
+
+class _RoutineWaits(logging.Filter):
+    """Drops Orbax's "Waiting for previous save to complete took N seconds" (absl WARNING).
+
+    Saving once per epoch while the next epoch trains, each save waits for
+    the last one by design; the warning would print once per epoch.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Waiting for previous save")
+
+
+_ROUTINE_WAITS = _RoutineWaits()
 
 
 class CheckpointRestoreError(ValueError):
@@ -64,6 +79,7 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 2):
         import orbax.checkpoint as ocp
 
+        logging.getLogger("absl").addFilter(_ROUTINE_WAITS)  # addFilter adds it only once
         self._ocp = ocp
         self.skipped: list[tuple[int, str]] = []
         self.directory = os.path.abspath(os.fspath(directory))

@@ -1,11 +1,16 @@
-"""Fine-tuning converted weights: a new classifier head, pretrained checkpoints."""
+"""Fine-tuning converted weights: a new classifier head, pretrained checkpoints and their identity."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+
+from flax_resnet.io.resolve import load
+from flax_resnet.model import ResNet
 
 
 def replace_head(model, variables: dict, num_classes: int, rng: jax.Array):
@@ -18,10 +23,6 @@ def replace_head(model, variables: dict, num_classes: int, rng: jax.Array):
     Raises:
         TypeError: ``model`` is not a ``flax_resnet.ResNet``.
     """
-    import flax.linen as nn
-
-    from flax_resnet.model import ResNet
-
     if not isinstance(model, ResNet):
         raise TypeError(f"replace_head expects a flax_resnet.ResNet, got {type(model).__name__}")
     fc = variables["params"]["fc"]
@@ -54,9 +55,24 @@ def load_pretrained(path: str | os.PathLike, num_classes: int | None = None, rng
     Returns:
         ``(model, variables)``.
     """
-    import flax_resnet  # the package's loader; imported only when used
-
-    model, variables = flax_resnet.load(path, **model_kwargs)
+    model, variables = load(path, **model_kwargs)
     if num_classes is not None and num_classes != model.num_classes:
         model, variables = replace_head(model, variables, num_classes, jax.random.key(0) if rng is None else rng)
     return model, variables
+
+
+def weights_identity(path: str | os.PathLike) -> str:
+    """``sha256:<16 hex>`` of a weights checkpoint's content (a file, or every file of an Orbax directory).
+
+    A training run started from it records this (``flax-resnet train --init``):
+    the content, not the name or modification time, so a file rewritten
+    with other weights is another run and a copied or touched one is not.
+    """
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for f in files:
+        digest.update(os.path.relpath(f, path).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]

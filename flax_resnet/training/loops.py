@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from flax_resnet.data import batches
 from flax_resnet.training.devices import shard_batch
 from flax_resnet.training.state import TrainState, eval_step, train_step
 
@@ -37,8 +38,6 @@ def run_epoch(
     Raises:
         ValueError: the batch is larger than the training set.
     """
-    from flax_resnet.data import batches
-
     losses, accs = [], []
     t_first = t0 = time.perf_counter()
     steps = 0

@@ -91,9 +91,11 @@ def train_step_fn(state: TrainState, images: jax.Array, labels: jax.Array, label
     torch's rule) unless ``state.frozen_backbone``, mean cross-entropy,
     gradients, one ``state.tx`` update (e.g. ``torch_sgd``: exactly
     ``torch.optim.SGD.step()``). Loss and accuracy are in at least float32.
-    This is the one step every caller runs: ``train_step`` is its jit, the
-    parity harness and the benchmarks jit it with their own options
-    (``jax.jit(train_step_fn, donate_argnums=0, static_argnums=3)``).
+    ``train_step`` is its jit; the train command and the benchmarks run it
+    (the benchmarks jit it with their own options, e.g.
+    ``jax.jit(train_step_fn, donate_argnums=0)``). The parity harness does
+    not: it writes out its own loss and SGD update (``parity.harness``), so
+    that the torch and Flax sides of a comparison are the same few lines.
     """
     bn_train = not state.frozen_backbone
 
