@@ -15,7 +15,7 @@ from flax_resnet.config import ModelConfig
 
 __version__ = "0.1.0"
 
-# public name -> defining module; one factory per architecture comes from flax_resnet.model.
+# public name -> defining module; one factory per architecture comes from flax_resnet.factories.
 _LAZY = {
     "CheckpointError": "flax_resnet.io",
     "load": "flax_resnet.io",
@@ -34,7 +34,7 @@ _LAZY = {
     "torch_to_flax": "flax_resnet.convert",
     "BatchNorm": "flax_resnet.layers",
     "ResNet": "flax_resnet.model",
-    **{name: "flax_resnet.model" for name in ARCHS},
+    **{name: "flax_resnet.factories" for name in ARCHS},
 }
 
 __all__ = ["ARCHS", "PARAM_COUNTS", "TIMM_PARAM_COUNTS", "TORCHVISION_PARAM_COUNTS", "ArchSpec", "ModelConfig", "get_arch", *_LAZY]

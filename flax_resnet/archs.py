@@ -22,6 +22,8 @@ Names (torch state_dict key prefix -> Flax path, ``.`` -> ``/``):
   ``AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)`` (an
   identity at stride 1; no parameters), ``downsample.1`` the 1x1/1 conv,
   ``downsample.2`` the BN.
+* ``attn="se"`` (timm): ``layer{s}.{i}.se.fc1``/``.fc2``, 1x1 convs with bias.
+* ``stem_pool="conv"`` (timm's ResNet-RS): ``maxpool.0`` (3x3/2), ``maxpool.1`` (BN).
 * ``fc`` (absent when ``num_classes == 0``: a headless feature extractor).
 
 The ``"transformers"`` layout (Hugging Face ``ResNetForImageClassification``)
@@ -42,6 +44,8 @@ from typing import Callable, Iterator
 LAYOUTS = ("torchvision", "seed", "transformers")
 STEMS = ("7x7", "deep", "deep_tiered")
 SHORTCUTS = ("conv", "avg_down")
+ATTNS = (None, "se")
+STEM_POOLS = ("max", "conv")
 SHORTCUT_NAME = {"seed": "identity_downsample", "torchvision": "downsample"}
 
 # Channels entering each stage's blocks ("planes" in torchvision's naming).
@@ -57,6 +61,7 @@ class ConvSpec:
     stride: int
     padding: int
     groups: int = 1
+    bias: bool = False  # a bias in every layout (squeeze-and-excitation's fc1/fc2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,15 @@ class ArchSpec:
             ``avg_down``.
         source: the library whose published model this row is
             (``"torchvision"`` or ``"timm"``).
+        attn: ``None`` or ``"se"``: timm's squeeze-and-excitation
+            (``se``: global mean, 1x1 conv ``fc1`` with bias, ReLU, 1x1 conv
+            ``fc2`` with bias, sigmoid gate) after each block's last BN.
+        attn_ratio: the SE bottleneck's ``rd_ratio``: ``fc1`` has
+            ``make_divisible(channels * attn_ratio, 8)`` outputs (timm's
+            ``SEModule``: rounded to the nearest multiple of 8, at least 8).
+        stem_pool: ``"max"`` (3x3/2 max-pool) or ``"conv"`` (timm's
+            ``replace_stem_pool``: ``maxpool.0`` 3x3/2 conv, ``maxpool.1``
+            BN, ReLU).
     """
 
     name: str
@@ -91,10 +105,15 @@ class ArchSpec:
     stem_width: int = 32
     shortcut: str = "conv"
     source: str = "torchvision"
+    attn: str | None = None
+    attn_ratio: float = 1 / 16
+    stem_pool: str = "max"
 
     def __post_init__(self):
         if self.stem not in STEMS or self.shortcut not in SHORTCUTS or self.block not in ("basic", "bottleneck"):
             raise ValueError(f"{self.name}: unknown block/stem/shortcut {self.block!r}/{self.stem!r}/{self.shortcut!r}")
+        if self.attn not in ATTNS or self.stem_pool not in STEM_POOLS:
+            raise ValueError(f"{self.name}: unknown attn/stem_pool {self.attn!r}/{self.stem_pool!r}")
 
     @property
     def expansion(self) -> int:
@@ -121,16 +140,19 @@ class ArchSpec:
         """The seed (blog) code only defines bottleneck ResNet-50/101/152."""
         return self.name in ("resnet50", "resnet101", "resnet152")
 
+    def attn_channels(self, channels: int) -> int:
+        """``fc1``'s outputs of an SE over ``channels`` (timm's ``make_divisible(v, 8, round_limit=0)``)."""
+        return max(8, int(channels * self.attn_ratio + 4) // 8 * 8)
 
-def _row(name, block, sizes, **kw) -> ArchSpec:
-    return ArchSpec(name, block, sizes, **kw)
 
-
+_row = ArchSpec
 _R50, _R101, _R152 = (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
 _TIMM_C = dict(stem="deep", source="timm")
 _TIMM_D = dict(stem="deep", shortcut="avg_down", source="timm")
 _TIMM_S = dict(stem="deep", stem_width=64, source="timm")
 _TIMM_T = dict(stem="deep_tiered", shortcut="avg_down", source="timm")
+_SE = dict(attn="se", source="timm")
+_RS = dict(stem="deep", shortcut="avg_down", stem_pool="conv", attn="se", attn_ratio=0.25, source="timm")  # ResNet-RS
 
 ARCHS: dict[str, ArchSpec] = {
     spec.name: spec
@@ -165,6 +187,13 @@ ARCHS: dict[str, ArchSpec] = {
         _row("resnet152s", "bottleneck", _R152, **_TIMM_S),
         _row("resnet200", "bottleneck", (3, 24, 36, 3), source="timm"),
         _row("resnet200d", "bottleneck", (3, 24, 36, 3), **_TIMM_D),
+        # timm's squeeze-and-excitation ResNets and ResNet-RS (attn / stem_pool as data).
+        _row("seresnet50", "bottleneck", _R50, **_SE),
+        _row("seresnext26d_32x4d", "bottleneck", (2, 2, 2, 2), groups=32, width_per_group=4, **_TIMM_D, attn="se"),
+        _row("seresnext50_32x4d", "bottleneck", _R50, groups=32, width_per_group=4, **_SE),
+        _row("seresnext101_32x8d", "bottleneck", _R101, groups=32, width_per_group=8, **_SE),
+        _row("resnetrs50", "bottleneck", _R50, **_RS),
+        _row("resnetrs101", "bottleneck", _R101, **_RS),
     )
 }
 
@@ -201,6 +230,12 @@ TIMM_PARAM_COUNTS = {
     "resnet152s": 60_316_584,
     "resnet200": 64_673_832,
     "resnet200d": 64_693_064,
+    "seresnet50": 28_088_024,
+    "seresnext26d_32x4d": 16_809_512,
+    "seresnext50_32x4d": 27_559_896,
+    "seresnext101_32x8d": 93_569_048,
+    "resnetrs50": 35_691_912,
+    "resnetrs101": 63_618_696,
 }
 PARAM_COUNTS = {**TORCHVISION_PARAM_COUNTS, **TIMM_PARAM_COUNTS}
 
@@ -236,7 +271,7 @@ def check_layout(spec: ArchSpec, layout: str) -> None:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if layout == "seed" and not spec.has_seed_layout:
         raise ValueError(f"layout 'seed' exists only for resnet50/101/152, not {spec.name}")
-    if layout == "transformers" and (spec.stem, spec.shortcut, spec.groups, spec.width_per_group) != ("7x7", "conv", 1, 64):
+    if layout == "transformers" and (spec.stem, spec.shortcut, spec.groups, spec.width_per_group, spec.attn, spec.stem_pool) != ("7x7", "conv", 1, 64, None, "max"):
         raise ValueError(f"layout 'transformers' has a 7x7 stem, conv shortcuts and no groups; {spec.name} has none of that layout")
 
 
@@ -291,28 +326,70 @@ def from_transformers_name(name: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-    """One residual block: its convs in order, and the shortcut projection.
+    """One residual block: what its module reads, and its convs' shapes.
 
     Attributes:
         stage: 1..4.
         index: position in the stage.
-        convs: the residual branch's convs.
+        kind: ``"basic"`` or ``"bottleneck"``.
+        in_ch: channels in.
+        width: channels of the inner convs.
+        out_ch: channels out (``width`` for basic blocks, ``4 * planes`` for bottlenecks).
+        stride: the block's stride (2 in the first block of layer2..4).
+        groups: groups of the 3x3 conv (bottlenecks).
+        stride_in_1x1: ResNet v1: a bottleneck strides in ``conv1`` instead of ``conv2``.
+        shortcut: ``"conv"`` or ``"avg_down"``; ``project`` says whether there is one.
+        project: the shortcut is a projection (``downsample``), not the identity.
+        attn: ``None`` or ``"se"`` (``attn_ch``: its ``fc1`` outputs).
+        convs: the residual branch's convs (the shapes the converter and the blocks share).
         downsample: the shortcut's 1x1 conv (stride 1 for ``avg_down``,
             whose pooling does the striding), or ``None`` for an identity.
-        shortcut: ``"conv"`` or ``"avg_down"``.
-        stride: the block's stride (the avg-pool's stride for ``avg_down``).
     """
 
     stage: int
     index: int
-    convs: tuple[ConvSpec, ...]
-    downsample: ConvSpec | None
-    shortcut: str = "conv"
+    kind: str
+    in_ch: int
+    width: int
+    out_ch: int
     stride: int = 1
+    groups: int = 1
+    stride_in_1x1: bool = False
+    shortcut: str = "conv"
+    attn: str | None = None
+    attn_ch: int = 0
 
     @property
     def name(self) -> str:
         return f"layer{self.stage}.{self.index}"
+
+    @property
+    def project(self) -> bool:
+        return self.stride != 1 or self.in_ch != self.out_ch
+
+    @property
+    def convs(self) -> tuple[ConvSpec, ...]:
+        if self.kind == "basic":
+            return (ConvSpec(self.in_ch, self.width, 3, self.stride, 1), ConvSpec(self.width, self.out_ch, 3, 1, 1))
+        s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+        return (
+            ConvSpec(self.in_ch, self.width, 1, s1, 0),
+            ConvSpec(self.width, self.width, 3, s3, 1, self.groups),
+            ConvSpec(self.width, self.out_ch, 1, 1, 0),
+        )
+
+    @property
+    def downsample(self) -> ConvSpec | None:
+        if not self.project:
+            return None
+        return ConvSpec(self.in_ch, self.out_ch, 1, 1 if self.shortcut == "avg_down" else self.stride, 0)
+
+    @property
+    def attn_convs(self) -> tuple[ConvSpec, ...]:
+        """SE's ``fc1``, ``fc2`` (1x1 convs with bias), or none."""
+        if self.attn is None:
+            return ()
+        return (ConvSpec(self.out_ch, self.attn_ch, 1, 1, 0, bias=True), ConvSpec(self.attn_ch, self.out_ch, 1, 1, 0, bias=True))
 
     @property
     def shortcut_indices(self) -> tuple[int, int]:
@@ -336,8 +413,14 @@ def stem_names(spec: ArchSpec) -> tuple[tuple[str, str | None], ...]:
     return (("conv1.0", "conv1.1"), ("conv1.3", "conv1.4"), ("conv1.6", "bn1"))
 
 
+def stem_pool_conv(spec: ArchSpec) -> ConvSpec | None:
+    """``maxpool.0`` of timm's ``replace_stem_pool`` (3x3/2 conv), or ``None`` for the max-pool."""
+    c = spec.stem_channels
+    return ConvSpec(c, c, 3, 2, 1) if spec.stem_pool == "conv" else None
+
+
 def blocks(spec: ArchSpec, stride_in_1x1: bool = False) -> Iterator[BlockSpec]:
-    """Yields every residual block of ``spec`` with its conv shapes.
+    """Yields every residual block of ``spec``.
 
     ``stride_in_1x1=False`` is ResNet v1.5 (torchvision's and timm's default):
     a downsampling bottleneck strides in its 3x3 conv, which loses no input
@@ -346,27 +429,12 @@ def blocks(spec: ArchSpec, stride_in_1x1: bool = False) -> Iterator[BlockSpec]:
     """
     in_ch = spec.stem_channels
     for stage, (planes, n) in enumerate(zip(STAGE_PLANES, spec.stage_sizes), start=1):
+        out_ch = planes * spec.expansion
         for index in range(n):
             stride = 2 if (index == 0 and stage > 1) else 1
-            out_ch = planes * spec.expansion
-            width = spec.width(planes)
-            if spec.block == "basic":
-                convs = (
-                    ConvSpec(in_ch, width, 3, stride, 1),
-                    ConvSpec(width, out_ch, 3, 1, 1),
-                )
-            else:
-                s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-                convs = (
-                    ConvSpec(in_ch, width, 1, s1, 0),
-                    ConvSpec(width, width, 3, s3, 1, spec.groups),
-                    ConvSpec(width, out_ch, 1, 1, 0),
-                )
-            downsample = None
-            if stride != 1 or in_ch != out_ch:
-                conv_stride = 1 if spec.shortcut == "avg_down" else stride
-                downsample = ConvSpec(in_ch, out_ch, 1, conv_stride, 0)
-            yield BlockSpec(stage, index, convs, downsample, spec.shortcut, stride)
+            groups = spec.groups if spec.block == "bottleneck" else 1
+            attn_ch = spec.attn_channels(out_ch) if spec.attn else 0
+            yield BlockSpec(stage, index, spec.block, in_ch, spec.width(planes), out_ch, stride, groups, stride_in_1x1, spec.shortcut, spec.attn, attn_ch)
             in_ch = out_ch
 
 
@@ -412,10 +480,14 @@ def layers(spec: ArchSpec, layout: str = "torchvision", num_classes: int = 1000,
     for c, (cn, bnn) in zip(stem_convs(spec, in_channels), stem_names(spec)):
         yield named(cn, "conv", c, c.out_ch)
         yield named(bnn, "bn", None, c.out_ch)
+    pool = stem_pool_conv(spec)
+    if pool is not None:
+        yield from (named("maxpool.0", "conv", pool, pool.out_ch), named("maxpool.1", "bn", None, pool.out_ch))
     for b in blocks(spec):
         branch = []
         for i, c in enumerate(b.convs, start=1):
             branch += [named(f"{b.name}.conv{i}", "conv", c, c.out_ch), named(f"{b.name}.bn{i}", "bn", None, c.out_ch)]
+        branch += [named(f"{b.name}.{b.attn}.fc{i}", "conv", c, c.out_ch) for i, c in enumerate(b.attn_convs, start=1)]
         shortcut = []
         if b.downsample is not None:
             ci, bi = b.shortcut_indices

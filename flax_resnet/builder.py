@@ -65,8 +65,8 @@ def model_config(model: Any, variables: Any = None) -> ModelConfig:
 
     Args:
         model: a ``flax_resnet.ResNet`` or ``flax_resnet.nnx.ResNet``.
-        variables: a Linen model's variables, for its input channels when the
-            module leaves them to the input (``in_channels=None``).
+        variables: a Linen model's variables: their stem kernel gives the
+            input channels (as at ``apply``), else ``model.in_channels``.
 
     Raises:
         ValueError: a Linen model without ``in_channels`` and no ``variables``.
@@ -74,11 +74,11 @@ def model_config(model: Any, variables: Any = None) -> ModelConfig:
     if not isinstance(model, (ResNet, NNXResNet)):
         raise TypeError(f"model_config expects a flax_resnet ResNet (Linen or NNX), got {type(model).__name__}")
     in_channels = model.in_channels
-    if in_channels is None:
-        if variables is None:
-            raise ValueError("model_config: this Linen ResNet takes its input channels from the input; pass its variables")
+    if variables is not None and isinstance(model, ResNet):  # the weights' stem decides (as at apply)
         stem = variables["params"]["conv1"]
         in_channels = int(np.shape((stem["kernel"] if "kernel" in stem else stem["0"]["kernel"]))[2])
+    if in_channels is None:
+        raise ValueError("model_config: this Linen ResNet takes its input channels from the input; pass its variables")
     spec = model.spec
     layout = model.layout or ("seed" if model.conv_bias and spec.has_seed_layout else "torchvision")
     kw = {name: getattr(model, name) for name in _FIELDS if name not in ("arch", "layout", "in_channels", "dtype", "param_dtype")}

@@ -117,11 +117,10 @@ def _stage_sizes(keys) -> tuple[int, ...]:
 def infer_config(state_dict: Mapping[str, Any], arch: str | None = None, layout: str | None = None) -> ModelConfig:
     """Architecture, layout, num_classes and input channels from keys and shapes.
 
-    Tells every row of ``ARCHS`` apart: block kind and stage sizes from the
-    block keys; groups and width from ``layer1.0.conv2``; the stem from
-    ``conv1.weight`` (7x7) or ``conv1.0/.3.weight`` (deep; widths give
-    ``deep`` 32 or 64, or ``deep_tiered``); the shortcut from
-    ``downsample.2`` keys (``avg_down``) or not (``conv``).
+    The architecture is the row of ``ARCHS`` whose key/shape signature,
+    generated from the table (``mapping.leaves``), is the state_dict's (two
+    rows with one signature raise). Only block kind and stage sizes are read
+    from the key names first, to narrow the rows compared.
 
     Args:
         state_dict: a torch state_dict (tensors or numpy arrays).
@@ -154,35 +153,79 @@ def infer_config(state_dict: Mapping[str, Any], arch: str | None = None, layout:
             raise ConversionError("a ResNet", other=["state_dict mixes 'identity_downsample' and 'downsample' keys"])
         layout = "seed" if seed else "torchvision"
 
-    if arch is None:
-        kind = "bottleneck" if "layer1.0.conv3.weight" in keys else "basic"
-        sizes = _stage_sizes(keys)
-        w2 = sd.get("layer1.0.conv2.weight")
-        groups = width = None
-        if kind == "bottleneck" and w2 is not None and w2.shape[1]:
-            groups = w2.shape[0] // w2.shape[1]
-            width = w2.shape[0] // groups
-        stem, stem_width = "7x7", None
-        if deep and "conv1.3.weight" in keys:
-            first, stem_width = sd["conv1.0.weight"].shape[0], sd["conv1.3.weight"].shape[0]
-            stem = "deep" if first == stem_width else "deep_tiered"
-        shortcut = "avg_down" if any(k.startswith("layer") and ".downsample.2." in k for k in keys) else "conv"
-        for spec in ARCHS.values():
-            if (spec.block, spec.stage_sizes, spec.stem, spec.shortcut) != (kind, sizes, stem, shortcut):
-                continue
-            if stem != "7x7" and spec.stem_width != stem_width:
-                continue
-            if kind == "basic" or (spec.groups, spec.width_per_group) == (groups, width):
-                arch = spec.name
-                break
-        else:
-            found = f"{kind} blocks, stage sizes {sizes}" + (f", groups {groups}, width/group {width}" if groups else "")
-            found += f", {stem} stem" + (f" of width {stem_width}" if stem_width else "") + f", {shortcut} shortcut"
-            raise ConversionError("a ResNet", other=[f"no known architecture has {found}"])
-
     # No fc: a headless backbone (timm's num_classes=0, transformers' ResNetModel).
     num_classes = int(sd["fc.weight"].shape[0]) if "fc.weight" in sd else 0
-    return ModelConfig(arch, layout, num_classes, int(sd[stem_key].shape[1]))
+    in_channels = int(sd[stem_key].shape[1])
+    if arch is None:
+        arch = _match_row(sd, layout, num_classes, in_channels)
+    return ModelConfig(arch, layout, num_classes, in_channels)
+
+
+_STATS = ("running_mean", "running_var")
+
+
+def _signature(name: str, layout: str, num_classes: int, in_channels: int, conv_bias: bool = False) -> dict[str, tuple[int, ...]]:
+    """Row ``name``'s torch keys and shapes (``mapping.leaves``; torch-only ``num_batches_tracked`` left out).
+
+    ``conv_bias``: every conv with a bias under torchvision's names (Flax
+    variables of ``ResNet(conv_bias=True)``, read by ``infer_flax_config``).
+    """
+    sig = {leaf.torch_key: leaf.torch_shape for leaf in leaves(ModelConfig(name, layout, num_classes, in_channels))}
+    if conv_bias:
+        sig.update({f"{p}.bias": (s["weight"][0],) for p, _, kind, s in modules(get_arch(name), layout, num_classes, in_channels) if kind == "conv"})
+    return sig
+
+
+def _match_row(sd: Mapping[str, np.ndarray], layout: str, num_classes: int, in_channels: int) -> str:
+    """The one row of ``ARCHS`` whose generated key/shape signature is the state_dict's.
+
+    Rows with the state_dict's block kind and stage sizes (read from the key
+    names) are compared key by key; an exact match wins, two exact matches
+    raise. Without one, the unique closest row within a few keys (at most
+    8, or 5% of the keys) is returned, and the caller's ``check_state_dict``
+    names each missing, unexpected or mis-shaped key; a tie, or no row that
+    close, raises, describing what the keys show.
+    """
+    keys = {k for k in sd if not k.endswith(IGNORED_BN_LEAVES)}
+    stats = any(k.endswith(_STATS) for k in keys)
+    conv_bias = layout == "torchvision" and ("conv1.bias" in keys or "conv1.0.bias" in keys)
+    kind = "bottleneck" if "layer1.0.conv3.weight" in keys else "basic"
+    sizes = _stage_sizes(keys)
+    scored = []
+    for spec in ARCHS.values():
+        if (spec.block, spec.stage_sizes) != (kind, sizes) or (layout == "seed" and not spec.has_seed_layout):
+            continue
+        sig = _signature(spec.name, layout, num_classes, in_channels, conv_bias)
+        if not stats:  # a params-only tree (infer_flax_config): compare the parameters
+            sig = {k: v for k, v in sig.items() if not k.endswith(_STATS)}
+        distance = len(keys ^ sig.keys()) + sum(tuple(sd[k].shape) != shape for k, shape in sig.items() if k in keys)
+        scored.append((distance, spec.name))
+    best = sorted(d for d, _ in scored)[:1]
+    names = [n for d, n in scored if [d] == best]
+    if len(names) > 1:
+        kind_ = "same keys and shapes" if best == [0] else "keys and shapes equally close"
+        raise ConversionError("a ResNet", other=[f"ambiguous state_dict: rows {', '.join(names)} have the {kind_}; pass arch="])
+    if names and best[0] <= max(8, len(keys) // 20):  # exact, or a few keys off: check_state_dict names them
+        return names[0]
+    raise ConversionError("a ResNet", other=[f"no known architecture has {_describe(sd, keys, kind, sizes)}"])
+
+
+def _describe(sd: Mapping[str, np.ndarray], keys: set, kind: str, sizes: tuple) -> str:
+    """What the keys show, for the error of a state_dict no row fits."""
+    found = f"{kind} blocks, stage sizes {sizes}"
+    w2 = sd.get("layer1.0.conv2.weight")
+    if kind == "bottleneck" and w2 is not None and w2.ndim == 4 and w2.shape[1]:
+        found += f", groups {w2.shape[0] // w2.shape[1]}, width/group {w2.shape[1]}"
+    if "conv1.3.weight" in keys:
+        found += f", deep stem of width {sd['conv1.3.weight'].shape[0]}"
+    else:
+        found += ", 7x7 stem"
+    found += ", avg_down shortcut" if any(k.startswith("layer") and ".downsample.2." in k for k in keys) else ", conv shortcut"
+    if any(".se.fc1." in k for k in keys):
+        found += ", squeeze-and-excitation"
+    return found
+
+
 
 
 def _torchvision_view(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

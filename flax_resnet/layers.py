@@ -10,6 +10,38 @@ import numpy as np
 import flax.linen as nn
 
 Dtype = Any
+RELU_SIGNS = "relu_signs"
+
+
+def relu(module: nn.Module, x: jax.Array) -> jax.Array:
+    """``nn.relu``; records ``x > 0`` under ``module``'s ``relu_signs/relu`` when an apply makes that collection mutable.
+
+    The parity harness reads these signs (in call order per module, as torch's
+    hooks see each module's ``nn.ReLU`` calls) to match fp32 ReLU kinks;
+    outside it nothing is recorded or computed.
+    """
+    if not module.is_initializing():  # init makes every collection mutable; record only when asked
+        module.sow(RELU_SIGNS, "relu", x > 0)
+    return nn.relu(x)
+
+
+def conv(factory: Any, c: Any, name: str, **kw) -> nn.Module:
+    """``factory`` (an ``nn.Conv`` partial) with ``ConvSpec`` ``c``'s shape and torch's explicit symmetric padding ('SAME' pads (0, 1) at stride 2)."""
+    p = ((c.padding, c.padding), (c.padding, c.padding))
+    return factory(c.out_ch, (c.kernel, c.kernel), strides=(c.stride, c.stride), padding=p, feature_group_count=c.groups, name=name, **kw)
+
+
+def check_nhwc(x: Any, channels: int | None) -> None:
+    """Raises a one-line ValueError unless ``x`` is a 4-d NHWC batch with ``channels`` channels (``None``: any)."""
+    shape = tuple(getattr(x, "shape", ()))
+    c = channels if channels is not None else "C"
+    if len(shape) == 3 and shape[-1] == channels:
+        raise ValueError(f"inputs are NHWC batches: got one image of shape {shape} with no batch axis (use x[None])")
+    if len(shape) != 4:
+        raise ValueError(f"inputs are NHWC batches (N, H, W, {c}): got a {len(shape)}-d array of shape {shape}")
+    if channels is not None and shape[-1] != channels:
+        hint = " (an NCHW batch? use x.transpose(0, 2, 3, 1))" if shape[1] == channels else ""
+        raise ValueError(f"inputs are NHWC: expected {channels} channels in the last axis, got shape {shape}{hint}")
 
 
 class BatchNorm(nn.Module):

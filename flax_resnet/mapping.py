@@ -142,7 +142,7 @@ def modules(spec: ArchSpec, layout: str, num_classes: int, in_channels: int):
         if layer.kind == "conv":
             c = layer.conv
             shapes = {"weight": (c.out_ch, c.in_ch // c.groups, c.kernel, c.kernel)}
-            if layout == "seed":
+            if layout == "seed" or c.bias:
                 shapes["bias"] = (c.out_ch,)
         elif layer.kind == "bn":
             shapes = {k: (layer.features,) for k in ("weight", "bias", "running_mean", "running_var")}

@@ -1,4 +1,4 @@
-"""``flax-resnet train``: train a Flax ResNet in JAX on digits or your own .npz.
+"""``flax-resnet train``: train a Flax ResNet in JAX on digits, your own .npz, or a folder of images.
 
 Writes WORKDIR/metrics.jsonl (one JSON object per epoch), WORKDIR/curves.png
 and Orbax checkpoints in WORKDIR/checkpoints; rerunning with the same
@@ -26,13 +26,15 @@ DEFAULTS = dict(epochs=12, batch_size=64, warmup_epochs=1.0, max_shift=2, seed=0
 DTYPES = ("float32", "bfloat16", "float16")
 TRAIN_EXTRA = ("sklearn", "matplotlib", "tqdm")  # digits and data splits, the plot, the progress bar
 # Settings that make a checkpoint another run: resuming under other values is refused.
-RUN_KEYS = ("arch", "dataset", "num_classes", "batch_size", "seed", "dtype", "normalize", "channels_first", "size")
+RUN_KEYS = ("arch", "dataset", "num_classes", "batch_size", "seed", "dtype", "normalize", "channels_first", "size", "data", "augment")
 # Settings of the recipe: resuming under other values continues the run with them.
 RECIPE_KEYS = ("epochs", "lr", "schedule", "warmup_epochs", "momentum", "weight_decay", "label_smoothing", "max_shift")
 
 
 def register(subparsers) -> None:
-    p = add_command(subparsers, "train", "train a ResNet in JAX (digits or a .npz of images and labels)", __doc__.split("\n\n")[0].split(": ", 1)[1])
+    from flax_resnet.imagedata import stream
+
+    p = add_command(subparsers, "train", "train a ResNet in JAX (digits, a .npz, an image folder or a datasets directory)", __doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--arch", default=None, type=_arch, metavar="ARCH",
                    help=f"architecture: {', '.join(ARCHS)} (default: resnet50, or the --init checkpoint's)")
     p.add_argument("--dataset", default="digits", help="'digits' (scikit-learn's, 32x32) or a .npz with arrays images and labels")
@@ -52,6 +54,7 @@ def register(subparsers) -> None:
                    "integer images are divided by 255 first")
     d.add_argument("--num-classes", type=int, default=None, help="classes of the head (default: from the labels, when they use every id 0..K-1)")
     d.add_argument("--channels-first", action="store_true", help="the .npz images are (N, C, H, W): transpose them to NHWC")
+    stream.add_arguments(p)
     g = p.add_argument_group("recipe (He et al. 2016)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 x batch/256)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -98,6 +101,9 @@ def _validate(args) -> None:
     """Everything checkable before JAX starts: extras, numbers, files."""
     import importlib.util
 
+    from flax_resnet.imagedata import stream
+
+    stream.check_arguments(args, _usage)
     missing = [m for m in TRAIN_EXTRA if importlib.util.find_spec(m) is None]
     if missing:
         raise _usage(f"needs {', '.join('scikit-learn' if m == 'sklearn' else m for m in missing)}: pip install 'flax-resnet[train]'")
@@ -114,12 +120,12 @@ def _validate(args) -> None:
         raise _usage("--max-shift must be >= 0 and --size >= 1")
     if args.num_classes is not None and args.num_classes < 1:
         raise _usage("--num-classes must be >= 1")
-    if args.dataset == "digits":
+    if args.data is None and args.dataset == "digits":
         if args.num_classes not in (None, 10):
             raise _usage(f"digits has 10 classes, not --num-classes {args.num_classes}")
         if args.channels_first:
             raise _usage("--channels-first applies to .npz datasets, not digits")
-    elif not os.path.exists(args.dataset):
+    elif args.data is None and not os.path.exists(args.dataset):
         raise FileNotFoundError(f"no such dataset file: {args.dataset} (use 'digits' or a .npz path)")
     if args.init is not None and not os.path.exists(args.init):
         raise FileNotFoundError(f"no such checkpoint: {args.init}")
@@ -188,31 +194,22 @@ def _build_model(args, dtype):
 
 def _load_data(args, in_ch):
     from flax_resnet import data
+    from flax_resnet.imagedata import stream
 
-    if args.dataset == "digits":
-        return data.load_digits(size=args.size or 32, channels=in_ch or 1, seed=args.seed, normalize=args.normalize)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", data.DatasetWarning)
-        ds = data.load_npz(
-            args.dataset,
-            size=args.size,
-            seed=args.seed,
-            num_classes=args.num_classes,
-            channels_first=args.channels_first,
-            channels=in_ch,
-            normalize=args.normalize,
-        )
-    for w in caught:
+        ds = stream.open_data(args, in_ch)
+    for w in caught:  # one line each on stderr, as the command's other notes
         if issubclass(w.category, data.DatasetWarning):
             _say(f"warning: {w.message}")
     return ds
 
 
-def _fit_head(model, variables, num_classes: int, rng):
+def _fit_head(model, variables, num_classes: int, rng, in_channels: int):
     from flax_resnet import training
 
-    if variables is None:
-        return model.clone(num_classes=num_classes), None
+    if variables is None:  # a fresh model takes the data's channels (digits: 1)
+        return model.clone(num_classes=num_classes, in_channels=in_channels), None
     if model.num_classes != num_classes:
         return training.replace_head(model, variables, num_classes, rng)
     return model, variables
@@ -280,17 +277,17 @@ def _opt(key: str) -> str:
 
 
 def _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh):
-    """``(state, finished_epochs)``: restored from the newest checkpoint that restores, or fresh."""
+    """``(state, finished_epochs, meta)``: restored from the newest checkpoint that restores, or fresh."""
     import jax
 
     fresh = lambda: new_state() if mesh is None else _replicated(new_state(), mesh)
     if not ckpt.all_epochs():
-        return fresh(), 0
+        return fresh(), 0, {}
     if args.no_resume:
         _say(f"--no-resume: starting over in {args.workdir}; its checkpoints of epochs {', '.join(map(str, ckpt.all_epochs()))} are removed")
         for e in ckpt.all_epochs():
             ckpt.delete(e)
-        return fresh(), 0
+        return fresh(), 0, {}
     newest = _newest_meta(ckpt)
     if newest is not None:
         _check_run(args.workdir, newest[1].get("config", {}), config)
@@ -306,7 +303,7 @@ def _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh):
         _say(f"checkpoint {e} in {ckpt.directory} does not restore ({why}): resuming after epoch {done}; it will be rewritten")
         ckpt.delete(e)
     _announce_recipe(args.workdir, meta.get("config", {}), config, sched, steps_per_epoch, done)
-    return state, done
+    return state, done, meta
 
 
 def _replicated(state, mesh):
@@ -321,7 +318,7 @@ class _Run:
 
     args: Any
     model: Any
-    ds: Any
+    ds: Any  # stream.ArrayData or stream.ImageData
     state: Any
     sched: Any
     mesh: Any
@@ -329,11 +326,12 @@ class _Run:
     config: dict
     steps_per_epoch: int
     main: bool
+    steps_done: int = 0  # in this invocation
 
 
 def _train(run: _Run, start_epoch: int, records: list[dict]) -> None:
     """Epochs ``start_epoch + 1 .. --epochs``: train, evaluate, checkpoint, log, plot."""
-    from flax_resnet import training
+    from flax_resnet import train_loop, training
     from flax_resnet.training import logs
 
     args = run.args
@@ -345,6 +343,8 @@ def _train(run: _Run, start_epoch: int, records: list[dict]) -> None:
         _say("compiling the train step (the first step of the first epoch includes it)...")
     nnx_run = None
     if args.api == "nnx":  # the NNX modules, optimizer and step; checkpoints stay the Linen TrainState (relabeled arrays)
+        from flax import nnx
+
         from flax_resnet.nnx import training as nnx_training
 
         nnx_run = nnx_training.TrainStateBridge(run.model, run.state)
@@ -365,20 +365,23 @@ def _train(run: _Run, start_epoch: int, records: list[dict]) -> None:
                 if step % 5 == 0 or step == run.steps_per_epoch:
                     bar.set_postfix(loss=f"{float(m['loss']):.4f}")
 
-        data = (run.ds.train_images, run.ds.train_labels, args.batch_size)
-        kw = dict(epoch=epoch, seed=args.seed, max_shift=args.max_shift, label_smoothing=args.label_smoothing, mesh=run.mesh, progress=progress)
+        kw = dict(epoch=epoch, seed=args.seed, max_shift=args.max_shift, label_smoothing=args.label_smoothing, mesh=run.mesh,
+                  progress=train_loop.checkpointing(run, epoch, progress, nnx_run), batches=run.ds.train_batches(epoch), place=run.ds.place)
         if nnx_run is None:
-            state, tm = training.train_epoch(run.state, *data, **kw)
+            tm = train_loop.linen_epoch(run, kw)
         else:
-            tm = nnx_training.train_epoch(nnx_run.model, nnx_run.optimizer, *data, **kw)
-            state = nnx_run.to_state(run.state)
-        run.state = state
+            tm = nnx_training.train_epoch(nnx_run.model, nnx_run.optimizer, None, None, args.batch_size, **kw)
+            run.state = nnx_run.to_state(run.state)
+        state = run.state
         if bar is not None:
             bar.close()
         if nnx_run is None:
-            ev = training.evaluate(state, run.ds.test_images, run.ds.test_labels, eval_bs, run.mesh)
+            ev_fn = lambda x, y, m: training.eval_step(state, x, y, m)  # noqa: E731
         else:
-            ev = nnx_training.evaluate(nnx_run.model, run.ds.test_images, run.ds.test_labels, eval_bs, run.mesh)
+            view = nnx.view(nnx_run.model, use_running_average=True)
+            ev_fn = lambda x, y, m: nnx_training.eval_step(view, x, y, m)  # noqa: E731
+        ebs = train_loop.eval_batch(eval_bs, run.mesh)
+        ev = training.run_eval_batches(ev_fn, run.ds.eval_batches(ebs), run.ds.host_batch(ebs), run.mesh, run.ds.place)
         record = {
             "epoch": epoch + 1,
             "train_loss": tm["train_loss"],
@@ -392,7 +395,7 @@ def _train(run: _Run, start_epoch: int, records: list[dict]) -> None:
         }
         records.append(record)
         # Asynchronous: Orbax writes while the next epoch trains (close() waits).
-        run.ckpt.save(epoch + 1, state, {"config": run.config, "test_accuracy": ev["accuracy"]}, wait=False)
+        run.ckpt.save(train_loop.checkpoint_key(run, epoch + 1), state, {"config": run.config, "epoch": epoch + 1, "test_accuracy": ev["accuracy"], "data": run.ds.state()}, wait=False)
         if run.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -412,21 +415,21 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    from flax_resnet import training
+    from flax_resnet import train_loop, training
     from flax_resnet.training import logs
 
     dtype = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     init_rng, head_rng = jax.random.split(jax.random.key(args.seed))
     model, variables, in_ch = _build_model(args, dtype)
     ds = _load_data(args, in_ch)
-    if args.batch_size > len(ds.train_labels):
-        raise _usage(f"--batch-size {args.batch_size} exceeds the {len(ds.train_labels)} training images")
-    model, variables = _fit_head(model, variables, ds.num_classes, head_rng)
+    if args.batch_size > ds.num_train:
+        raise _usage(f"--batch-size {args.batch_size} exceeds the {ds.num_train} training images")
+    model, variables = _fit_head(model, variables, ds.num_classes, head_rng, ds.image_shape[-1])
     if args.workdir is None:
         args.workdir = os.path.join("runs", f"{model.spec.name}-{ds.name}")
         if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
             raise _usage(f"{args.workdir} exists and is not a directory; pass --workdir")
-    steps_per_epoch = len(ds.train_labels) // args.batch_size
+    steps_per_epoch = ds.steps_per_epoch
     tx, sched = _optimizer(args, steps_per_epoch)
     mesh = None
     if args.devices:
@@ -442,21 +445,24 @@ def run(args: argparse.Namespace) -> int:
 
     config = {"arch": model.spec.name, "dataset": ds.name, "num_classes": ds.num_classes, "normalize": args.normalize,
               "channels_first": args.channels_first, "size": args.size,
-              "init": training.weights_identity(args.init) if args.init else None, "init_file": args.init}
+              "init": training.weights_identity(args.init) if args.init else None, "init_file": args.init,
+              "data": ds.identity if ds.streaming else None, "augment": args.augment if ds.streaming else None,
+              "classes": list(ds.classes) if ds.classes else None}
     config.update({k: getattr(args, k) for k in ("batch_size", "seed", "dtype") + RECIPE_KEYS})
     os.makedirs(args.workdir, exist_ok=True)
     if not os.access(args.workdir, os.W_OK):  # a read-only mount or directory: say so before any checkpoint is tried
         raise _usage(f"--workdir {args.workdir} is not writable")
     ckpt = training.Checkpointer(os.path.join(args.workdir, "checkpoints"), max_to_keep=args.keep_checkpoints)
-    state, start_epoch = _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh)
+    state, start_epoch, meta = _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh)
+    ds.restore(meta.get("data"))
     metrics_path = os.path.join(args.workdir, "metrics.jsonl")
     records = logs.read_metrics(metrics_path, start_epoch)
     if main:
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         n_dev = mesh.devices.size if mesh is not None else 1
-        resumed = f"; resuming after epoch {start_epoch}" if start_epoch else ""
-        dropped = len(ds.train_labels) - steps_per_epoch * args.batch_size
+        resumed = train_loop.resume_note(ds, start_epoch)
+        dropped = ds.num_train - steps_per_epoch * args.batch_size
         _say(
             f"{model.spec.name} ({sum(x.size for x in jax.tree.leaves(state.params)):,} params, {args.dtype}) on {ds!r}; "
             f"{n_dev} {jax.devices()[0].platform} device(s), batch {args.batch_size}, lr {float(sched(0)):.3g} at step 1 "
@@ -464,7 +470,7 @@ def run(args: argparse.Namespace) -> int:
             f"{steps_per_epoch} steps/epoch; writing {args.workdir}{resumed}"
         )
         if dropped:
-            _say(_dropped_note(len(ds.train_labels), args.batch_size, dropped))
+            _say(_dropped_note(ds.num_train, args.batch_size, dropped))
         if start_epoch >= args.epochs:
             done = f"all {args.epochs} epochs are" if start_epoch == args.epochs else f"{start_epoch} epochs (--epochs {args.epochs}) are"
             _say(
@@ -472,11 +478,15 @@ def run(args: argparse.Namespace) -> int:
                 f"pass a larger --epochs to continue the run, --no-resume to start over, or another --workdir"
             )
     t_run = time.perf_counter()
-    _train(_Run(args, model, ds, state, sched, mesh, ckpt, config, steps_per_epoch, main), start_epoch, records)
+    try:
+        _train(_Run(args, model, ds, state, sched, mesh, ckpt, config, steps_per_epoch, main), start_epoch, records)
+    except train_loop.Stopped:
+        return train_loop.stopped(args, ckpt, ds)
     if not records and start_epoch:  # metrics.jsonl gone (or never written): the newest checkpoint's meta has the accuracy
         epoch, meta = _newest_meta(ckpt) or (start_epoch, {})
         records = [{"epoch": epoch, "test_accuracy": meta.get("test_accuracy")}]
     ckpt.close()
+    train_loop.close_data(ds, main)
     if main and records:
         accuracies = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
         summary = {

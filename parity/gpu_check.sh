@@ -3,7 +3,8 @@
 # installed (about 15 minutes on one H100). Every row kind of flax_resnet.ARCHS:
 # basic and bottleneck blocks, the 7x7 stem and timm's deep / deep_tiered stems,
 # conv and avg_down shortcuts, grouped and wide convs, the seed layout, depth
-# (ResNet-152) and, when transformers is installed, its own ResNet.
+# (ResNet-152), squeeze-excitation (SE-ResNeXt, ResNet-RS with its conv stem pool)
+# and, when transformers is installed, its own ResNet.
 # Prints the fp32-highest, TF32 (precision default), bf16 and fp64 figures and
 # runs the command users run (every mode, Linen and NNX) for each kind.
 # Usage: bash parity/gpu_check.sh [OUTDIR]; exit 1 if any run fails.
@@ -15,7 +16,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 
 # One row per kind (tests/test_parity_cli.py checks that these cover every kind).
-KINDS="resnet18 resnet50 resnet152 resnext50_32x4d wide_resnet50_2 resnet10t resnet18d resnet50c resnet50d resnet50s"
+KINDS="resnet18 resnet50 resnet152 resnext50_32x4d wide_resnet50_2 resnet10t resnet18d resnet50c resnet50d resnet50s seresnext26d_32x4d resnetrs50"
 layouts="torchvision seed"
 python -c "import transformers" 2>/dev/null && layouts="$layouts transformers"
 status=0

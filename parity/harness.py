@@ -9,8 +9,8 @@ Every comparison is relative to a float64 torch run of the same model:
   run, channels_last, and one thread on CPU or cuDNN autotuning on CUDA) and,
   for the train-mode points (train, grad, steps), ``SENSITIVITY_RUNS``
   float64 runs whose weights, inputs and every conv/BN/linear output are
-  moved by up to one fp32 ulp (``torch_side._rounding_noise``). The latter measure each tensor's fp32
-  *sensitivity* directly: where small batches make train-mode BatchNorm
+  moved by up to 4 fp32 ulps (``torch_side._rounding_noise``). The latter
+  measure each tensor's fp32 *sensitivity* directly: where small batches make train-mode BatchNorm
   ill-conditioned (batch 1-2, a 2x2 layer4), rounding at fp32 level moves
   its gradients by 1e-3 and more, and the tolerance knows it; where the
   computation is well-conditioned it stays at ~1e-6. ``python -m
@@ -70,8 +70,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flax import traverse_util
+
 import flax_resnet
 from flax_resnet.convert import flax_to_torch, infer_config
+from flax_resnet.layers import RELU_SIGNS
+from flax_resnet.stacking import SCAN_NAME
 from parity.constants import BF16_FLOOR, FP32_FLOOR, FP64_TOL, KINK_BAND, MODES, NOISE_FACTOR, PERCENTILE_MIN_SIZE, SENSITIVITY_RUNS, SGD
 from parity.compare import _argmax, _errors, _float64_check, _points
 from parity.report import Argmax, Point, Report
@@ -96,26 +100,25 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _relu_masks(model: flax_resnet.ResNet, captured: dict, feats: dict) -> list[np.ndarray]:
-    """Every ReLU input's sign (``x > 0``, NHWC) in network order, from a Linen forward.
+def _relu_masks(signs: dict) -> dict[str, list[np.ndarray]]:
+    """Every ReLU input's sign (``x > 0``, NHWC) of a Linen forward, per module, in call order.
 
-    ``captured``: the BatchNorm outputs (``capture_intermediates``; blocks of
-    a scanned stage stacked under ``rest``); ``feats``: the block outputs,
-    whose sign is that of the residual sum's ReLU input.
+    ``signs``: the ``relu_signs`` collection (``flax_resnet.layers.relu`` records
+    each ReLU under the module that calls it; blocks of a scanned stage are
+    stacked under ``rest``). Keys are torch module names (``""`` for the
+    model, ``"layer1.0"``, ``"layer1.0.se"``, ``"conv1"``): the parents of the
+    ``nn.ReLU`` modules whose calls ``_kinks_like`` matches, so no list of
+    ReLUs is kept anywhere but in the two forwards.
     """
-    masks = []
-    stem = captured.get("conv1", {})  # timm's deep stem: BNs 1 and 4 before ReLUs
-    masks += [np.asarray(stem[k]["__call__"][0]) for k in sorted(stem, key=int)]
-    masks.append(np.asarray(captured["bn1"]["__call__"][0]))
-    for b in flax_resnet.archs.blocks(model.spec, model.stride_in_1x1):
-        stage = captured[f"layer{b.stage}"]
-        node, at = (stage[str(b.index)], None) if str(b.index) in stage else (stage["rest"], b.index - 1)
-        for i in range(1, len(b.convs)):
-            a = np.asarray(node[f"bn{i}"]["__call__"][0])
-            masks.append(a if at is None else a[at])
-        masks.append(np.asarray(feats[f"layer{b.stage}.{b.index}"]) > 0)
-    return masks
-
+    out: dict[str, list[np.ndarray]] = {}
+    for path, calls in traverse_util.flatten_dict(dict(signs)).items():
+        parent = path[:-1]
+        if len(parent) >= 2 and parent[1] == SCAN_NAME:  # layerN/rest/...: blocks 1..n-1 stacked
+            for i in range(np.shape(calls[0])[0]):
+                out[".".join((parent[0], str(i + 1), *parent[2:]))] = [np.asarray(a[i]) for a in calls]
+        else:
+            out[".".join(parent)] = [np.asarray(a) for a in calls]
+    return out
 
 
 def make_sgd(lr: float | None = None, momentum: float | None = None, weight_decay: float | None = None) -> optax.GradientTransformation:
@@ -131,23 +134,19 @@ def make_sgd(lr: float | None = None, momentum: float | None = None, weight_deca
     return torch_sgd(lr, momentum, weight_decay)
 
 
-def _is_norm(module, method_name: str) -> bool:
-    return isinstance(module, flax_resnet.layers.BatchNorm) and method_name == "__call__"
-
-
 @functools.lru_cache(maxsize=8)
 def _jitted(model, what: str):
     """jit-compiled Flax computations, cached per (model, what)."""
 
-    # The Linen model also returns the sign of every BatchNorm output (the ReLU inputs, for ``_kinks_like``).
-    capture = dict(capture_intermediates=_is_norm, mutable=["batch_stats", "intermediates"]) if isinstance(model, flax_resnet.ResNet) else {}
+    # The Linen model also returns the sign of every ReLU input (for ``_kinks_like``).
+    capture = dict(mutable=["batch_stats", RELU_SIGNS]) if isinstance(model, flax_resnet.ResNet) else {}
 
     def loss_fn(params, batch_stats, x, y):
         feats, new = model.apply(
             {"params": params, "batch_stats": batch_stats}, x, train=True, blocks=True, method="intermediates", **({"mutable": ["batch_stats"]} | capture)
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(feats["logits"], y).mean()
-        signs = jax.tree.map(lambda a: a > 0, new.get("intermediates", {}))
+        signs = new.get(RELU_SIGNS, {})
         return loss, (feats, new["batch_stats"], signs)
 
     if what == "eval":
@@ -164,8 +163,7 @@ def _jitted(model, what: str):
     if what == "signs":  # a Linen twin's train-mode forward: the NNX model's ReLU inputs (``_flax_side``)
 
         def signs(v, x):
-            feats, new = model.apply(v, x, train=True, blocks=True, method="intermediates", **capture)
-            return feats, jax.tree.map(lambda a: a > 0, new["intermediates"])
+            return model.apply(v, x, train=True, blocks=True, method="intermediates", **capture)[1][RELU_SIGNS]
 
         return jax.jit(signs)
     if what == "update":  # steps reuse the "grad" executable: one compile of the backward pass
@@ -208,12 +206,10 @@ def _flax_side(model, variables, x: np.ndarray, labels: np.ndarray, layout: str,
     if "grad" in modes:
         loss, g, feats, stats, signs = _jitted(model, "grad")(variables, x, y)
         new = {"batch_stats": stats}
-        linen = model
-        if not signs and hasattr(model, "linen_twin"):  # NNX: BatchNorm outputs' signs from the Linen twin, block outputs its own
-            linen = model.linen_twin
-            signs = _jitted(linen, "signs")(variables, x)[1]
+        if not signs and hasattr(model, "linen_twin"):  # NNX: the ReLU inputs' signs of the Linen twin (the same numerics)
+            signs = _jitted(model.linen_twin, "signs")(variables, x)
         if signs:
-            out["relu_masks"] = _relu_masks(linen, signs, {k: np.asarray(v) for k, v in feats.items()})
+            out["relu_masks"] = _relu_masks(signs)
     elif "train" in modes:
         feats, new = _jitted(model, "train")(variables, x)
     if "train" in modes:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import platform
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -124,8 +125,8 @@ def _torch_variant(variant: str) -> Iterator[None]:
 def _rounding_noise(model: torch.nn.Module, rel: float, seed: int) -> Iterator[None]:
     """A float64 ``model`` whose weights, BN statistics and every conv/BN/linear output carry rounding-level noise.
 
-    Each value is multiplied by ``1 + rel * U(-1, 1)`` (``rel = 2**-23``: one
-    fp32 ulp): a float64 execution as unsure of every number as an fp32 one,
+    Each value is multiplied by ``1 + rel * U(-1, 1)`` (``FP32_ULP``: 4 fp32
+    ulps): a float64 execution as unsure of every number as an fp32 one,
     so its distance from the exact float64 run is the fp32 *sensitivity* of
     each tensor (what ill-conditioned BatchNorm at small batches amplifies),
     measured rather than assumed. Restores the weights and removes the hooks.
@@ -162,7 +163,7 @@ def _torch_side(
     steps: int,
     autocast_bf16: bool = False,
     variant: str = "default",
-    relu_masks: Sequence[np.ndarray] | None = None,
+    relu_masks: Mapping[str, Sequence[np.ndarray]] | None = None,
     noise_seed: int | None = None,
 ) -> dict[str, Any]:
     """Runs ``model`` in ``modes``; ``noise_seed`` makes it a float64 sensitivity run (``_rounding_noise``, inputs included)."""
@@ -215,7 +216,7 @@ def _torch_side(
 
 
 @contextlib.contextmanager
-def _kinks_like(model: torch.nn.Module, relu_masks: Sequence[np.ndarray]) -> Iterator[dict[str, int]]:
+def _kinks_like(model: torch.nn.Module, relu_masks: Mapping[str, Sequence[np.ndarray]]) -> Iterator[dict[str, int]]:
     """Makes a torch forward take another run's side of every ReLU kink.
 
     A train-mode gradient is the exact gradient of the piecewise-linear net
@@ -224,12 +225,14 @@ def _kinks_like(model: torch.nn.Module, relu_masks: Sequence[np.ndarray]) -> Ite
     gradients differ by O(1) at that position and, through train-mode
     BatchNorm, by ~1e-3 in every layer below (the ResNeXt-50 fixture: one
     input of 4e-6 in layer3.3). So the float64 reference is taken on the
-    fp32 run's side: each ``nn.ReLU`` call (in network order, matching
-    ``relu_masks``: NHWC booleans ``x > 0`` of the other run) whose input
-    has the other sign *and* lies within ``KINK_BAND`` of its tensor's
-    max|x| of zero gets its input mirrored (``x -> -x``, a move of at most
-    2e-4 of max|x|, the gradient passing unchanged). A sign that differs
-    farther from zero is left alone: that is a real discrepancy.
+    fp32 run's side: each ``nn.ReLU`` call whose input has the other sign
+    *and* lies within ``KINK_BAND`` of its tensor's max|x| of zero gets its
+    input mirrored (``x -> -x``, a move of at most 2e-4 of max|x|, the
+    gradient passing unchanged). A sign that differs farther from zero is
+    left alone: that is a real discrepancy. ``relu_masks`` maps the name of
+    the module that owns each ``nn.ReLU`` (``""``, ``"layer1.0"``,
+    ``"conv1"``, ``"layer1.0.se"``) to the other run's NHWC booleans
+    ``x > 0`` of its calls, in call order.
 
     Yields:
         ``{"moved": n}``, filled in by the forward.
@@ -239,28 +242,36 @@ def _kinks_like(model: torch.nn.Module, relu_masks: Sequence[np.ndarray]) -> Ite
             ``relu_masks`` has, or one of another shape.
     """
     state = {"calls": 0, "moved": 0}
+    seen: dict[str, int] = {}
+    total = sum(len(v) for v in relu_masks.values())
 
-    def hook(module, inputs, output):
-        i = state["calls"]
+    def hook(parent, module, inputs, output):
+        i = seen.get(parent, 0)
+        seen[parent] = i + 1
         state["calls"] += 1
         z = inputs[0]
-        if i >= len(relu_masks):
-            raise ValueError(f"kink matching: ReLU call {i + 1} of the torch forward has no Flax mask (Flax has {len(relu_masks)})")
-        want = torch.from_numpy(np.ascontiguousarray(relu_masks[i].transpose(0, 3, 1, 2))).to(z.device)
+        masks = relu_masks.get(parent, ())
+        if i >= len(masks):
+            raise ValueError(f"kink matching: ReLU call {i + 1} of torch module {parent or 'model'!r} has no Flax mask (Flax has {len(masks)})")
+        want = torch.from_numpy(np.ascontiguousarray(masks[i].transpose(0, 3, 1, 2))).to(z.device)
         if want.shape != z.shape:
-            raise ValueError(f"kink matching: ReLU call {i + 1} has shape {tuple(z.shape)} in torch, {tuple(want.shape)} in Flax")
+            raise ValueError(f"kink matching: ReLU call {i + 1} of {parent or 'model'!r} has shape {tuple(z.shape)} in torch, {tuple(want.shape)} in Flax")
         flip = ((z > 0) != want) & (z.abs() <= KINK_BAND * z.abs().max())
         state["moved"] += int(flip.sum())
         return F.relu(z + torch.where(flip, -2 * z, torch.zeros_like(z)).detach())
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    handles = [
+        m.register_forward_hook(functools.partial(hook, name.rpartition(".")[0]))
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.ReLU)
+    ]
     try:
         yield state
     finally:
         for h in handles:
             h.remove()
-    if state["calls"] != len(relu_masks):
-        raise ValueError(f"kink matching: the torch forward made {state['calls']} ReLU calls, Flax {len(relu_masks)}")
+    if state["calls"] != total:
+        raise ValueError(f"kink matching: the torch forward made {state['calls']} ReLU calls, Flax {total}")
 
 
 def _logits32(logits: torch.Tensor) -> torch.Tensor:

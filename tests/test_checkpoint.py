@@ -1,4 +1,4 @@
-"""flax_resnet.checkpoint: every source format of every depth to every output format, and back.
+"""flax_resnet.io: every source format of every depth to every output format, and back.
 
 For resnet50/101/152 (torchvision layout), a seeded reference model with
 calibrated BatchNorm is saved as a ``.pth`` and a ``.safetensors`` file;
@@ -369,9 +369,7 @@ def test_save_api_and_varying_num_batches_tracked(workdir):
 
 
 def test_top_level_load_export():
-    if not hasattr(flax_resnet, "load"):
-        pytest.skip("flax_resnet/__init__.py does not export load yet (from flax_resnet.checkpoint import load)")
-    assert flax_resnet.load is checkpoint.load
+    assert flax_resnet.load is checkpoint.load and flax_resnet.save is checkpoint.save
 
 
 def test_import_without_torch(seed50, workdir, tmp_path):
@@ -383,7 +381,7 @@ def test_import_without_torch(seed50, workdir, tmp_path):
     checkpoint.convert(seed50[2], src)
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import flax_resnet, flax_resnet.checkpoint as c\n"
+        "import flax_resnet, flax_resnet.io as c\n"
         f"r = c.convert({str(src)!r}, {str(tmp_path / 'o.msgpack')!r})\n"
         f"m, v = c.load({str(tmp_path / 'o.msgpack')!r})\n"
         "assert m.arch == 'resnet50' and m.conv_bias\n"

@@ -177,10 +177,11 @@ def test_a_test_label_never_seen_in_training_is_warned(tmp_path, capsys):
     with pytest.warns(data.DatasetWarning, match=r"t.npz: test label 4 \(test_labels\[4\]\) and 0 more class id\(s\) never occur in training"):
         ds = data.load_npz(path)
     assert ds.num_classes == 5
-    args = argparse.Namespace(dataset=str(path), size=None, seed=0, num_classes=None, channels_first=False, normalize="dataset")
-    ds = train_cli._load_data(args, None)
+    args = argparse.Namespace(dataset=str(path), data=None, size=None, seed=0, num_classes=None, channels_first=False, normalize="dataset",
+                              batch_size=4, max_shift=0)
+    train_cli._load_data(args, None)
     err = capsys.readouterr().err
-    assert ds.num_classes == 5 and err.count("\n") == 1 and err.startswith(f"warning: {path}: test label 4"), err
+    assert err.count("\n") == 1 and err.startswith(f"warning: {path}: test label 4"), err
 
 
 def test_train_into_a_read_only_workdir_is_one_line(tmp_path, capsys):

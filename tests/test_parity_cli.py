@@ -201,7 +201,7 @@ def test_gpu_check_covers_every_row_kind():
     script = (ROOT / "parity" / "gpu_check.sh").read_text()
     rows = re.search(r'^KINDS="([^"]+)"', script, re.M).group(1).split()
     specs = [ARCHS[a] for a in rows]  # every name is a row
-    kinds = lambda s: {s.block, s.stem, s.shortcut, "grouped" if s.groups > 1 else "wide" if s.width_per_group > 64 else "plain"}  # noqa: E731
+    kinds = lambda s: {s.block, s.stem, s.shortcut, "grouped" if s.groups > 1 else "wide" if s.width_per_group > 64 else "plain", f"attn {s.attn}", f"pool {s.stem_pool}"}  # noqa: E731
     assert set().union(*map(kinds, specs)) == set().union(*map(kinds, ARCHS.values()))
     assert any(s.has_seed_layout for s in specs) and any(sum(s.stage_sizes) > 40 for s in specs)
     assert "--api \"$api\"" in script and "--mode all" in script and "|| true" not in script

@@ -181,10 +181,10 @@ def _flax_fn(model):
 # architecture is tied to the library through torch_ref above, and torch_ref to Flax by
 # tests/test_parity.py and tests/test_variants.py (float64, eval/train/grad; resnet50d at 64x64):
 # keeping CI's compile time within budget.
-FLAX_CHECKED = ("resnet18", "resnext50_32x4d", "resnet10t")
+FLAX_CHECKED = ("resnet18", "resnext50_32x4d", "resnet10t", "seresnext26d_32x4d")  # the last: squeeze-and-excitation
 
 
-@pytest.mark.parametrize("arch", FLAX_CHECKED)
+@pytest.mark.parametrize("arch", [*FLAX_CHECKED, pytest.param("resnetrs50", marks=pytest.mark.slow)])  # ResNet-RS: conv stem pool
 def test_flax_matches_library(arch):
     """The Flax model on the library's weights: its numbers in float64 (eval, one train pass, gradients)."""
     import jax

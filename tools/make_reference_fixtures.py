@@ -25,6 +25,10 @@ pins torch 2.13.0 and has neither torchvision nor timm)::
     python3 -m venv /work/sidevenv
     /work/sidevenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm
     PYTHONPATH=. /work/sidevenv/bin/python tools/make_reference_fixtures.py [ARCH ...]
+    PYTHONPATH=. /work/sidevenv/bin/python tools/make_reference_fixtures.py --features [ARCH ...]
+
+(``--features``: ``tests/reference/features/<arch>.npz``, timm's
+``features_only=True`` feature maps; see ``features_fixture``.)
 
 (torch and torchvision install from this machine's local wheel index, timm
 from PyPI.) It imports only numpy, torch, torchvision, timm and
@@ -77,6 +81,12 @@ TIMM = (
     "resnet152s",
     "resnet200",
     "resnet200d",
+    "seresnet50",
+    "seresnext26d_32x4d",
+    "seresnext50_32x4d",
+    "seresnext101_32x8d",
+    "resnetrs50",
+    "resnetrs101",
 )
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "reference")
 
@@ -163,9 +173,45 @@ def fixture(arch: str) -> dict[str, np.ndarray]:
     return out
 
 
+FEATURE_ARCHS = ("resnet18", "resnet50d", "seresnext26d_32x4d", "resnetrs50")
+
+
+def features_fixture(arch: str) -> dict[str, np.ndarray]:
+    """timm's ``features_only=True`` model (``FeatureListNet``, all five ``out_indices``) in float64 eval mode.
+
+    Per size and feature map (``act1``, ``layer1``..``layer4``): its shape,
+    the pooled first 8 channels, a digest and channel 0 in full.
+    """
+    import timm
+
+    model = timm.create_model(arch, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3, 4))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in rw.reference_weights(shapes).items()}, strict=True)
+    model = model.double().eval()
+    info = model.feature_info.get_dicts()
+    meta = {"arch": arch, "library": f"timm {timm.__version__}", "torch": torch.__version__, "keys": [[k, list(s)] for k, s in shapes.items()], "feature_info": info, "sizes": rw.SIZES}
+    out = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
+    for size in rw.SIZES:
+        with torch.no_grad():
+            feats = [_np(f) for f in model(torch.from_numpy(rw.images(size)))]
+        for d, f in zip(info, feats):
+            out[f"{size}/{d['module']}/shape"] = np.array(f.shape)
+            out[f"{size}/{d['module']}/pooled"] = rw.pooled(f)
+            out[f"{size}/{d['module']}/digest"] = np.array(rw.digest(d["module"], f))
+            out[f"{size}/{d['module']}/channel0"] = f[:, 0]
+    return out
+
+
 def main(argv: list[str]) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(OUT, exist_ok=True)
+    if argv[:1] == ["--features"]:  # tests/reference/features/<arch>.npz
+        os.makedirs(os.path.join(OUT, "features"), exist_ok=True)
+        for arch in argv[1:] or FEATURE_ARCHS:
+            path = os.path.join(OUT, "features", f"{arch}.npz")
+            np.savez_compressed(path, **features_fixture(arch))
+            print(f"{arch} features: {os.path.getsize(path) / 1024:.1f} KiB", flush=True)
+        return 0
     for arch in argv or (TORCHVISION + TIMM):
         t = time.perf_counter()
         arrays = fixture(arch)

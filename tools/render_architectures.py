@@ -34,8 +34,12 @@ def describe(spec: archs.ArchSpec) -> str:
         parts.append(f"{'tiered' if spec.stem == 'deep_tiered' else 'deep'} stem {'-'.join(map(str, widths))}")
     else:
         parts.append("7x7 stem")
+    if spec.stem_pool == "conv":
+        parts.append("conv stem pool")
     if spec.shortcut == "avg_down":
         parts.append("avg-pool shortcut")
+    if spec.attn == "se":
+        parts.append(f"squeeze-excitation 1/{round(1 / spec.attn_ratio)}")
     return ", ".join(parts)
 
 

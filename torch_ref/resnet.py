@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flax_resnet.archs import SHORTCUT_NAME, BlockSpec, ConvSpec, blocks, check_layout, get_arch, stem_convs
+from flax_resnet.archs import SHORTCUT_NAME, BlockSpec, ConvSpec, blocks, check_layout, get_arch, stem_convs, stem_pool_conv
+from torch_ref.attention import ATTENTION
 
 
 def _conv(c: ConvSpec, bias: bool) -> nn.Conv2d:
@@ -44,6 +45,9 @@ class Block(nn.Module):
         for i, c in enumerate(spec.convs, start=1):
             self.add_module(f"conv{i}", _conv(c, bias))
             self.add_module(f"bn{i}", nn.BatchNorm2d(c.out_ch))
+        if spec.attn is not None:  # timm registers it after the last BN
+            self.add_module(spec.attn, ATTENTION[spec.attn](spec.attn_convs))
+        self.attn = spec.attn
         self.relu = nn.ReLU()
         self.shortcut_name = SHORTCUT_NAME[layout]
         self.add_module(self.shortcut_name, _shortcut(spec, bias) if spec.downsample is not None else None)
@@ -54,6 +58,8 @@ class Block(nn.Module):
             x = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))
             if i < self.n:
                 x = self.relu(x)
+        if self.attn is not None:
+            x = getattr(self, self.attn)(x)
         shortcut = getattr(self, self.shortcut_name)
         if shortcut is not None:
             residual = shortcut(residual)
@@ -100,7 +106,11 @@ class ResNet(nn.Module):
             self.conv1 = nn.Sequential(*mods)
         self.bn1 = nn.BatchNorm2d(spec.stem_channels)
         self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        pool = stem_pool_conv(spec)
+        if pool is None:
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:  # timm's replace_stem_pool: conv, bn, relu
+            self.maxpool = nn.Sequential(_conv(pool, bias), nn.BatchNorm2d(pool.out_ch), nn.ReLU())
         all_blocks = list(blocks(spec, stride_in_1x1))
         for s in (1, 2, 3, 4):
             stage = [Block(b, layout) for b in all_blocks if b.stage == s]

@@ -15,9 +15,12 @@
 
 from flax_resnet.archs import ARCHS
 from flax_resnet.nnx.convert import LinenApply, from_linen, from_torch, to_linen, to_torch
-from flax_resnet.nnx.model import BatchNorm, Block, ResNet, ScannedStage, _factory
+from flax_resnet.nnx.blocks import BasicBlock, Bottleneck
+from flax_resnet.nnx.factories import *  # noqa: F403  one factory per row of ARCHS (resnet18, resnet50, ...)
+from flax_resnet.nnx.model import BatchNorm, ResNet
+from flax_resnet.nnx.scan import ScannedStage
 
-__all__ = ["ARCHS", "BatchNorm", "Block", "LinenApply", "ResNet", "ScannedStage", "from_linen", "from_torch", "to_linen", "to_torch", *ARCHS]
-
-# One factory per row of the family table (resnet18, resnet50, resnext50_32x4d, ...).
-globals().update({name: _factory(name) for name in ARCHS})
+__all__ = [
+    "ARCHS", "BasicBlock", "BatchNorm", "Bottleneck", "LinenApply", "ResNet", "ScannedStage",
+    "from_linen", "from_torch", "to_linen", "to_torch", *ARCHS,
+]  # fmt: skip

@@ -112,14 +112,21 @@ def from_linen(model_or_arch: ResNet | ModelConfig | str | ArchSpec, variables: 
 
     unrolled = unstack_blocks(variables) if is_stacked(variables) else variables
     layout = "seed" if model.conv_bias else "torchvision"
-    check_variables(unrolled, ModelConfig(model.spec, layout, model.num_classes, model.in_channels, conv_bias=model.conv_bias), f"NNX {model.arch}")
+    state = _flat_state(model)
+    if model.features_only:  # timm's features_only: the full model's variables, the head and later stages dropped
+        keep = {p[0] for p, _, _ in state}
+        unrolled = {c: {k: v for k, v in t.items() if k in keep} for c, t in unrolled.items() if isinstance(t, Mapping)}
+    else:
+        check_variables(unrolled, ModelConfig(model.spec, layout, model.num_classes, model.in_channels, conv_bias=model.conv_bias), f"NNX {model.arch}")
     if not allow_nonfinite:
         check_finite(traverse_util.flatten_dict(dict(unrolled), sep="/"), f"NNX {model.arch}")
     tree = stack_blocks(unrolled) if model.scan_blocks else unrolled
-    flat = {(c, *map(str, p)): v for c in ("params", "batch_stats") for p, v in traverse_util.flatten_dict(dict(tree[c])).items()}
-    state = _flat_state(model)
-    if set(flat) != {(c, *p) for p, c, _ in state}:  # the model's paths are Linen's by construction
-        raise AssertionError(f"NNX {model.arch} state paths differ from the Linen tree")
+    flat = {(c, *map(str, p)): v for c in ("params", "batch_stats") for p, v in traverse_util.flatten_dict(dict(tree.get(c, {}))).items()}
+    want = {(c, *p): tuple(var.shape) for p, c, var in state}
+    if set(flat) != set(want) or any(np.shape(flat[k]) != shape for k, shape in want.items()):  # the model's paths are Linen's by construction
+        missing = sorted("/".join(k) for k in set(want) - set(flat))
+        wrong = sorted("/".join(k) for k in set(want) & set(flat) if np.shape(flat[k]) != want[k])
+        raise ConversionError(f"NNX {model.arch}", other=[f"missing {', '.join(missing[:5]) or 'nothing'}; mis-shaped {', '.join(wrong[:5]) or 'nothing'}"])
     values = jax.device_put([flat[(c, *p)] for p, c, _ in state])
     for (_, _, var), value in zip(state, values):
         var.set_value(value)

@@ -3,255 +3,34 @@
 ``model.conv1``, ``model.bn1``, ``model.layer1[0].conv2``,
 ``model.layer1[0].downsample[0]``, ``model.fc`` (timm's deep stems:
 ``model.conv1[0]``..``[6]``; ``avg_down`` shortcuts: ``downsample[0]`` is the
-pooling). The state paths are the Linen variable paths (``nnx.state(model)``
-is the Linen tree with the ``params``/``batch_stats`` split moved to the
-leaves), so conversion is a relabeling. Convolutions run
-``flax_resnet.kernels``, as the Linen model does.
+pooling; SE: ``layer1[0].se.fc1``; ResNet-RS: ``model.maxpool[0]``). The
+blocks, stems and shortcuts are written out in ``flax_resnet.nnx.blocks``,
+scanning in ``flax_resnet.nnx.scan``. The state paths are the Linen variable
+paths (``nnx.state(model)`` is the Linen tree with the
+``params``/``batch_stats`` split moved to the leaves), so conversion is a
+relabeling.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_resnet import archs, kernels
-from flax_resnet.archs import ArchSpec, BlockSpec, ConvSpec, get_arch, stem_convs
+from flax_resnet import archs
+from flax_resnet.archs import ArchSpec, get_arch
+from flax_resnet.layers import check_nhwc
+from flax_resnet.model import FEATURE_NAMES, check_out_indices
+from flax_resnet.nnx.blocks import BLOCKS, STEMS, BatchNorm, _Settings, conv_pool
+from flax_resnet.nnx.scan import ScannedStage, run_stage
 from flax_resnet.config import ModelConfig
-from flax_resnet.layers import avg_pool_ceil
-from flax_resnet.layers import batch_norm
 from flax_resnet.settings import model_kwargs
 
 Dtype = Any
-
-# The Linen model's initializers (torchvision's kaiming normal, fan_out, for convs).
-_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 _fc_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
-
-class BatchNorm(nnx.Module):
-    """``torch.nn.BatchNorm2d`` over the last (channel) axis, NHWC.
-
-    The NNX twin of ``flax_resnet.layers.BatchNorm`` (same function,
-    ``flax_resnet.layers.batch_norm``): unbiased running-variance
-    update, statistics in at least float32 under bfloat16 compute. In train
-    mode (``use_running_average=False``, set by ``model.train()``) each call
-    normalizes with batch statistics and updates ``mean``/``var`` in place.
-
-    Attributes:
-        scale, bias: ``nnx.Param`` (torch's ``weight``/``bias``).
-        mean, var: ``nnx.BatchStat`` (torch's ``running_mean``/``running_var``).
-        use_running_average: eval mode.
-        momentum: Flax convention; 0.9 equals torch's momentum 0.1.
-        epsilon: torch's ``eps``.
-        dtype: output dtype; ``None`` promotes the input with the params.
-        axis_name: average batch statistics over this mapped axis.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        use_running_average: bool = False,
-        momentum: float = 0.9,
-        epsilon: float = 1e-5,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        axis_name: str | None = None,
-        zero_scale: bool = False,
-    ):
-        self.scale = nnx.Param((jnp.zeros if zero_scale else jnp.ones)((num_features,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
-        self.use_running_average = use_running_average
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.axis_name = axis_name
-
-    def set_view(self, use_running_average: bool | None = None):
-        """For ``nnx.view(model, use_running_average=...)``: an eval (or train) view sharing the variables."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        train = not self.use_running_average
-        y, stats = batch_norm(
-            x, self.scale[...], self.bias[...], self.mean[...], self.var[...], train=train,
-            momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name, dtype=self.dtype,
-        )
-        if stats is not None:
-            self.mean[...], self.var[...] = stats
-        return y
-
-
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    """What every layer of one ResNet shares (static)."""
-
-    conv_bias: bool = False
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    axis_name: str | None = None
-    bn_momentum: float = 0.9
-    bn_eps: float = 1e-5
-    in_loop: bool = False  # inside nnx.scan: the loop form of the CPU kernels
-
-    def conv(self, c: ConvSpec, rngs: nnx.Rngs) -> nnx.Conv:
-        # Explicit symmetric padding as in torch (and the Linen model).
-        return nnx.Conv(
-            c.in_ch,
-            c.out_ch,
-            (c.kernel, c.kernel),
-            strides=(c.stride, c.stride),
-            padding=((c.padding, c.padding), (c.padding, c.padding)),
-            feature_group_count=c.groups,
-            use_bias=self.conv_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
-            kernel_init=_conv_init,
-            conv_general_dilated=_loop_conv if self.in_loop else _conv,
-            rngs=rngs,
-        )
-
-    def bn(self, features: int, zero_scale: bool = False) -> BatchNorm:
-        return BatchNorm(
-            features, momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype,
-            param_dtype=self.param_dtype, axis_name=self.axis_name, zero_scale=zero_scale,
-        )
-
-
-def _conv(*args, out_sharding=None, **kwargs):
-    # nnx.Conv always passes out_sharding (None by default), which the kernels
-    # take for an unknown option and answer with the plain conv: drop it when unset.
-    if out_sharding is not None:
-        kwargs["out_sharding"] = out_sharding
-    return kernels.conv_general_dilated(*args, **kwargs)
-
-
-def _loop_conv(*args, out_sharding=None, **kwargs):
-    if out_sharding is not None:
-        kwargs["out_sharding"] = out_sharding
-    return kernels.loop_conv_general_dilated(*args, **kwargs)
-
-
-class AvgDown(nnx.Module):
-    """The pooling of an ``avg_down`` shortcut (``downsample[0]``): torch's ``AvgPool2d(2, stride, ceil_mode=True)``."""
-
-    def __init__(self, stride: int):
-        self.stride = stride
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return avg_pool_ceil(x, self.stride) if self.stride > 1 else x
-
-
-def _shortcut(b: BlockSpec, s: _Settings, rngs: nnx.Rngs) -> nnx.List | None:
-    """torch's ``downsample`` Sequential: [conv, bn], or [pool, conv, bn] for ``avg_down``."""
-    if b.downsample is None:
-        return None
-    layers = [s.conv(b.downsample, rngs), s.bn(b.downsample.out_ch)]
-    return nnx.List(([AvgDown(b.stride)] if b.shortcut == "avg_down" else []) + layers)
-
-
-def _stem(spec: ArchSpec, in_channels: int, s: _Settings, rngs: nnx.Rngs) -> nnx.Conv | nnx.List:
-    """``conv1``: the 7x7 conv, or timm's deep stem as torch's Sequential (ReLUs at 2 and 5)."""
-    convs = stem_convs(spec, in_channels)
-    if len(convs) == 1:
-        return s.conv(convs[0], rngs)
-    layers: list[Any] = []
-    for i, c in enumerate(convs):
-        layers.append(s.conv(c, rngs))
-        if i < len(convs) - 1:
-            layers += [s.bn(c.out_ch), nnx.relu]
-    return nnx.List(layers)
-
-
-class Block(nnx.Module):
-    """A basic (2 convs) or bottleneck (3 convs) residual block: ``conv{i}``, ``bn{i}``, ``downsample``."""
-
-    def __init__(self, spec: BlockSpec, settings: _Settings, *, zero_init_residual: bool = False, rngs: nnx.Rngs):
-        self.n = len(spec.convs)
-        for i, c in enumerate(spec.convs, start=1):
-            setattr(self, f"conv{i}", settings.conv(c, rngs))
-            setattr(self, f"bn{i}", settings.bn(c.out_ch, zero_scale=zero_init_residual and i == self.n))
-        self.downsample = _shortcut(spec, settings, rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        residual = x
-        for i in range(1, self.n + 1):
-            x = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))
-            if i < self.n:
-                x = nnx.relu(x)
-        if self.downsample is not None:
-            for layer in self.downsample:
-                residual = layer(residual)
-        return nnx.relu(x + residual)
-
-
-def _call_block(block: Block, x: jax.Array) -> jax.Array:
-    return block(x)
-
-
-class ScannedStage(nnx.Module):
-    """``layerN`` with blocks ``1..n-1`` stacked and run by one ``nnx.scan``.
-
-    Block ``0`` (which may stride and project) is the attribute ``"0"``;
-    the stacked blocks are ``rest`` (every leaf with a leading axis of
-    ``n - 1``): the paths of Linen's ``ResNet(scan_blocks=True)``.
-    ``stage[0]`` is block 0, ``stage[i]`` for ``i >= 1`` the stacked module.
-    """
-
-    def __init__(self, specs: tuple[BlockSpec, ...], settings: _Settings, *, zero_init_residual: bool, remat: bool, rngs: nnx.Rngs):
-        setattr(self, "0", Block(specs[0], settings, zero_init_residual=zero_init_residual, rngs=rngs))
-        inner = dataclasses.replace(settings, in_loop=True)
-        spec = specs[1]
-
-        @nnx.split_rngs(splits=len(specs) - 1)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs: nnx.Rngs) -> Block:
-            return Block(spec, inner, zero_init_residual=zero_init_residual, rngs=rngs)
-
-        self.rest = make(rngs)
-        self.size = len(specs)
-        self.remat = remat
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, i: int) -> Block:
-        if not -self.size <= i < self.size:
-            raise IndexError(f"block {i} of a stage of {self.size}")
-        return getattr(self, "0") if i in (0, -self.size) else self.rest
-
-    def run(self, x: jax.Array, emit: bool) -> tuple[jax.Array, list[jax.Array]]:
-        first = getattr(self, "0")
-        y0 = nnx.remat(_call_block)(first, x) if self.remat else first(x)
-
-        def body(block: Block, carry: jax.Array):
-            y = block(carry)
-            return y, (y if emit else None)
-
-        if self.remat:
-            body = nnx.remat(body, prevent_cse=False)
-        x, ys = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(self.rest, y0)
-        return x, [y0] + ([ys[i] for i in range(self.size - 1)] if emit else [])
-
-
-def _run_stage(stage: nnx.List | ScannedStage, x: jax.Array, emit: bool, remat: bool) -> tuple[jax.Array, list[jax.Array]]:
-    if isinstance(stage, ScannedStage):
-        return stage.run(x, emit)
-    outs = []
-    call = nnx.remat(_call_block) if remat else _call_block
-    for block in stage:
-        x = call(block, x)
-        outs.append(x)
-    return x, outs
+__all__ = ["BatchNorm", "ResNet", "ScannedStage", "_Settings"]
 
 
 class ResNet(nnx.Module):
@@ -283,6 +62,11 @@ class ResNet(nnx.Module):
             ``layerN.rest`` and run by one ``nnx.scan`` (compiled once).
         remat: recompute each block's activations in the backward pass
             (``nnx.remat``).
+        features_only: timm's ``features_only=True``: calling the model
+            returns the feature maps ``out_indices`` selects from
+            ``FEATURE_NAMES`` (``act1``, ``layer1``..``layer4``); no ``fc``,
+            and no stage past the last selected one.
+        out_indices: indices into ``FEATURE_NAMES`` (default: all five).
         rngs: ``nnx.Rngs`` for the initializers (``params`` stream).
         layout: the torch key layout the weights came from (see the Linen
             ``ResNet.layout``).
@@ -308,6 +92,8 @@ class ResNet(nnx.Module):
         bn_eps: float = 1e-5,
         scan_blocks: bool = False,
         remat: bool = False,
+        features_only: bool = False,
+        out_indices: Sequence[int] = (0, 1, 2, 3, 4),
         rngs: nnx.Rngs,
         layout: str | None = None,
     ):
@@ -328,26 +114,57 @@ class ResNet(nnx.Module):
         self.bn_eps = bn_eps
         self.layout = layout
         s = _Settings(conv_bias, dtype, param_dtype, precision, axis_name, bn_momentum, bn_eps)
-        self.conv1 = _stem(spec, in_channels, s, rngs)
+        self.features_only = features_only
+        self.out_indices = tuple(out_indices)
+        check_out_indices(self.out_indices)
+        last = _last_stage(self.out_indices) if features_only else 4
+        self.conv1 = STEMS[spec.stem](spec, in_channels, s, rngs)
         self.bn1 = s.bn(spec.stem_channels)
+        self.maxpool = conv_pool(spec, s, rngs) if spec.stem_pool == "conv" else None
         all_blocks = list(archs.blocks(spec, stride_in_1x1))
-        for stage in (1, 2, 3, 4):
+        for stage in range(1, last + 1):
             specs = tuple(b for b in all_blocks if b.stage == stage)
+            block = BLOCKS[spec.block]
             if scan_blocks and len(specs) > 1:
                 layer = ScannedStage(specs, s, zero_init_residual=zero_init_residual, remat=remat, rngs=rngs)
             else:
-                layer = nnx.List([Block(b, s, zero_init_residual=zero_init_residual, rngs=rngs) for b in specs])
+                layer = nnx.List([block(b, s, zero_init_residual=zero_init_residual, rngs=rngs) for b in specs])
             setattr(self, f"layer{stage}", layer)
         self.fc = (
             nnx.Linear(spec.num_features, num_classes, dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=_fc_init, rngs=rngs)
-            if num_classes
+            if num_classes and not features_only
             else None
         )
 
     @classmethod
-    def from_config(cls, config: ModelConfig, *, rngs: nnx.Rngs | None = None, axis_name: str | None = None) -> "ResNet":
-        """The model ``config`` describes (``flax_resnet.build(config, api="nnx")``); ``rngs`` default ``nnx.Rngs(0)``."""
-        return cls(**model_kwargs(config), axis_name=axis_name, rngs=nnx.Rngs(0) if rngs is None else rngs)
+    def from_config(cls, config: ModelConfig, *, rngs: nnx.Rngs | None = None, axis_name: str | None = None, **backbone: Any) -> "ResNet":
+        """The model ``config`` describes (``flax_resnet.build(config, api="nnx")``); ``rngs`` default ``nnx.Rngs(0)``; ``backbone``: ``features_only``, ``out_indices``."""
+        return cls(**model_kwargs(config), axis_name=axis_name, rngs=nnx.Rngs(0) if rngs is None else rngs, **backbone)
+
+    def _forward(self, x: jax.Array, blocks: bool, last_stage: int = 4) -> dict[str, jax.Array]:
+        """Every point in order: ``act1``, ``stem``, [blocks], ``layer1``..``layer{last_stage}``, then (all 4 stages) ``pre_logits``, ``logits``."""
+        check_nhwc(x, self.in_channels)
+        x = self.conv1(x) if isinstance(self.conv1, nnx.Conv) else _run(self.conv1, x)
+        x = nnx.relu(self.bn1(x))
+        out: dict[str, jax.Array] = {"act1": x}
+        if self.maxpool is not None:
+            x = _run(self.maxpool, x)
+        else:  # torch pads max-pool with -inf; so does reduce_window here.
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        out["stem"] = x
+        for i in range(1, last_stage + 1):
+            x, outs = run_stage(getattr(self, f"layer{i}"), x, blocks, self.remat)
+            if blocks:
+                out.update({f"layer{i}.{j}": y for j, y in enumerate(outs)})
+            out[f"layer{i}"] = x
+        if last_stage < 4:
+            return out
+        x = jnp.mean(x, axis=(1, 2))
+        out["pre_logits"] = x
+        if self.fc is not None:
+            x = self.fc(x)
+        out["logits"] = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # num_classes=0: the pooled features
+        return out
 
     def intermediates(self, x: jax.Array, blocks: bool = False) -> dict[str, jax.Array]:
         """Runs the network and returns every parity point in order.
@@ -361,29 +178,8 @@ class ResNet(nnx.Module):
             ``layer1``..``layer4``, ``pre_logits`` and ``logits``: the points
             of the Linen ``ResNet.intermediates`` and ``torch_ref``.
         """
-        if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            hint = " (an NCHW batch? use x.transpose(0, 2, 3, 1))" if x.ndim == 4 and x.shape[1] == self.in_channels else ""
-            raise ValueError(f"inputs are NHWC: expected {self.in_channels} channels in the last axis, got shape {tuple(x.shape)}{hint}")
-        out: dict[str, jax.Array] = {}
-        if isinstance(self.conv1, nnx.List):
-            for layer in self.conv1:
-                x = layer(x)
-        else:
-            x = self.conv1(x)
-        x = nnx.relu(self.bn1(x))
-        # torch pads max-pool with -inf; so does reduce_window here.
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        out["stem"] = x
-        for i in (1, 2, 3, 4):
-            x, outs = _run_stage(getattr(self, f"layer{i}"), x, blocks, self.remat)
-            if blocks:
-                out.update({f"layer{i}.{j}": y for j, y in enumerate(outs)})
-            out[f"layer{i}"] = x
-        x = jnp.mean(x, axis=(1, 2))
-        out["pre_logits"] = x
-        if self.fc is not None:
-            x = self.fc(x)
-        out["logits"] = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # num_classes=0: the pooled features
+        out = self._forward(x, blocks)
+        del out["act1"]
         return out
 
     def features(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -392,37 +188,23 @@ class ResNet(nnx.Module):
         return {k: out[k] for k in ("stem", "layer1", "layer2", "layer3", "layer4", "pre_logits")}
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Logits of NHWC images ``x`` (BatchNorm mode from ``train()``/``eval()``)."""
+        """Logits of NHWC images ``x`` (``features_only``: the list of feature maps; BatchNorm mode from ``train()``/``eval()``)."""
+        if self.features_only:
+            return self.feature_maps(x)
         return self.intermediates(x)["logits"]
 
-
-_FACTORY_DOC = (
-    "Flax NNX {name} ({spec.source}; stem {spec.stem}, shortcut {spec.shortcut}), in train mode.\n\n"
-    "Args:\n"
-    "    num_classes: outputs of the classifier.\n"
-    "    rngs: ``nnx.Rngs`` for the initializers (default ``nnx.Rngs(0)``).\n"
-    "    in_channels: input channels.\n"
-    "    conv_bias: convs with bias (the seed layout of resnet50/101/152).\n"
-    "    dtype: compute dtype (``None``: follow the inputs; ``jnp.bfloat16``: mixed precision).\n"
-    "    param_dtype: dtype of parameters and BatchNorm statistics.\n"
-    "    **kwargs: any other ``ResNet`` argument (``scan_blocks``, ``remat``, ``axis_name``, ...).\n"
-)
+    def feature_maps(self, x: jax.Array) -> list[jax.Array]:
+        """timm's ``features_only`` output: the maps ``out_indices`` selects from ``FEATURE_NAMES``."""
+        out = self._forward(x, False, last_stage=_last_stage(self.out_indices))
+        return [out[FEATURE_NAMES[i]] for i in self.out_indices]
 
 
-def _factory(name: str):
-    def make(
-        num_classes: int = 1000,
-        *,
-        rngs: nnx.Rngs | None = None,
-        in_channels: int = 3,
-        conv_bias: bool = False,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        **kwargs: Any,
-    ) -> ResNet:
-        return ResNet(
-            name, num_classes, in_channels, conv_bias=conv_bias, dtype=dtype, param_dtype=param_dtype,
-            rngs=nnx.Rngs(0) if rngs is None else rngs, **kwargs,
-        )
+def _run(layers, x: jax.Array) -> jax.Array:
+    for layer in layers:
+        x = layer(x)
+    return x
 
-    return archs.named_factory(make, name, _FACTORY_DOC)
+
+def _last_stage(out_indices: tuple) -> int:
+    """The last stage a ``features_only`` model runs (0: only the stem)."""
+    return max(out_indices)

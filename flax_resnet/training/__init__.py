@@ -37,11 +37,12 @@ from flax_resnet.training.devices import (
     cpu_small_conv_workaround,
     initialize_distributed,
     make_mesh,
+    place_local_batch,
     replicate,
     shard_batch,
 )
 from flax_resnet.training.finetune import load_pretrained, replace_head, weights_identity
-from flax_resnet.training.loops import evaluate, run_epoch, run_eval, train_epoch
+from flax_resnet.training.loops import evaluate, run_batches, run_epoch, run_eval, run_eval_batches, train_epoch
 from flax_resnet.training.optim import decay_mask, make_optimizer, make_schedule, paper_lr, torch_sgd
 from flax_resnet.training.state import TrainState, create_train_state, cross_entropy, eval_step, train_step, train_step_fn
 
@@ -61,6 +62,9 @@ __all__ = [
     "evaluate",
     "run_epoch",
     "run_eval",
+    "run_batches",
+    "run_eval_batches",
+    "place_local_batch",
     "replace_head",
     "load_pretrained",
     "make_mesh",

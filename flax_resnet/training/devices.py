@@ -148,3 +148,24 @@ def shard_batch(mesh: Mesh | None, *arrays: np.ndarray):
             raise ValueError(f"batch of {a.shape[0]} does not divide over {n_dev} devices")
         out.append(_from_host(a, sharding))
     return tuple(out) if len(out) > 1 else out[0]
+
+
+def place_local_batch(mesh: Mesh | None, *arrays: np.ndarray):
+    """Places this process's rows of a global batch (``jax.make_array_from_process_local_data``).
+
+    For a pipeline that reads only this host's shard (grain's
+    ``ShardByJaxProcess``): each process passes ``global_batch /
+    process_count`` rows, split over its local devices. With one process it
+    places the same array as ``shard_batch``.
+    """
+    if mesh is None:
+        return shard_batch(None, *arrays)
+    sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+    n_local = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+    out = []
+    for a in arrays:
+        a = np.asarray(a)
+        if a.shape[0] % n_local:
+            raise ValueError(f"a host batch of {a.shape[0]} does not divide over {n_local} local devices")
+        out.append(jax.make_array_from_process_local_data(sharding, a))
+    return tuple(out) if len(out) > 1 else out[0]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from flax_resnet.data import batches
+from flax_resnet.data import batches as data_batches
 from flax_resnet.training.devices import shard_batch
 from flax_resnet.training.state import TrainState, eval_step, train_step
 
@@ -25,6 +25,8 @@ def run_epoch(
     max_shift: int = 0,
     mesh: Mesh | None = None,
     progress: Callable[[int, dict], None] | None = None,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
+    place: Callable[..., Any] | None = None,
 ) -> dict:
     """Drives ``step(x, y) -> {"loss", "accuracy"}`` over one epoch; any front end's step (Linen state, NNX module).
 
@@ -33,17 +35,42 @@ def run_epoch(
     ``{"train_loss", "train_accuracy", "images_per_sec", "steps",
     "seconds"}``; ``images_per_sec`` leaves out the first step (which
     carries any compilation). ``progress(step, metrics)`` is called after
-    each step.
+    each step. A streaming pipeline passes its own ``batches`` (the arrays
+    are then unused) and ``place`` (see ``run_batches``).
 
     Raises:
         ValueError: the batch is larger than the training set.
     """
+    if batches is None:
+        batches = data_batches(images, labels, batch_size, seed=seed, epoch=epoch, max_shift=max_shift)
+    metrics = run_batches(step, batches, mesh=mesh, progress=progress, place=place)
+    if metrics["steps"] == 0 and labels is not None:
+        raise ValueError(f"batch size {batch_size} is larger than the {len(labels)} training images")
+    return metrics
+
+
+def run_batches(
+    step: Callable[[jax.Array, jax.Array], dict],
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    *,
+    mesh: Mesh | None = None,
+    progress: Callable[[int, dict], None] | None = None,
+    place: Callable[..., Any] | None = None,
+) -> dict:
+    """Drives ``step`` over host batches ``(x, y)``; ``run_epoch``'s metrics (``steps`` may be 0).
+
+    ``place(mesh, x, y)`` puts a batch on the devices (default
+    ``shard_batch``: every host holds the global batch; a pipeline that
+    reads only this host's shard passes ``place_local_batch``).
+    """
+    place = place or shard_batch
     losses, accs = [], []
     t_first = t0 = time.perf_counter()
-    steps = 0
-    for x, y in batches(images, labels, batch_size, seed=seed, epoch=epoch, max_shift=max_shift):
-        m = step(*shard_batch(mesh, x, y))
+    steps = images_seen = 0
+    for x, y in batches:
+        m = step(*place(mesh, x, y))
         steps += 1
+        images_seen += len(y)
         losses.append(m["loss"])
         accs.append(m["accuracy"])
         if steps == 1:
@@ -52,9 +79,10 @@ def run_epoch(
         if progress is not None:
             progress(steps, m)
     if steps == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the {len(labels)} training images")
+        return {"train_loss": float("nan"), "train_accuracy": float("nan"), "images_per_sec": 0.0, "steps": 0, "seconds": 0.0}
     jax.block_until_ready((losses, accs))
     t_end = time.perf_counter()
+    batch_size = images_seen // steps
     timed_steps, timed_s = (steps - 1, t_end - t_first) if steps > 1 else (1, t_end - t0)
     return {
         "train_loss": float(np.mean(jax.device_get(losses))),
@@ -72,19 +100,26 @@ def run_eval(eval_fn: Callable[..., dict], images: np.ndarray, labels: np.ndarra
     rounded up to a multiple of the mesh's devices. Returns ``{"loss",
     "accuracy", "count"}``.
     """
-    n = len(labels)
     if mesh is not None:
         batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    chunks = ((images[s : s + batch_size], labels[s : s + batch_size]) for s in range(0, len(labels), batch_size))
+    return run_eval_batches(eval_fn, chunks, batch_size, mesh)
+
+
+def run_eval_batches(
+    eval_fn: Callable[..., dict], batches: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int, mesh: Mesh | None = None, place: Callable[..., Any] | None = None
+) -> dict:
+    """``run_eval`` over host batches of at most ``batch_size`` (each padded to it and masked); ``place`` as in ``run_batches``."""
+    place = place or shard_batch
     sums = []
-    for start in range(0, n, batch_size):
-        x, y = images[start : start + batch_size], labels[start : start + batch_size]
+    for x, y in batches:
         k = len(y)
         mask = np.zeros(batch_size, np.float32)
         mask[:k] = 1
         if k < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - k,) + x.shape[1:], x.dtype)])
             y = np.concatenate([y, np.zeros(batch_size - k, y.dtype)])
-        sums.append(eval_fn(*shard_batch(mesh, x, y, mask)))
+        sums.append(eval_fn(*place(mesh, x, y, mask)))
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for s in jax.device_get(sums):
         for key in totals:

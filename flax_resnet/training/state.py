@@ -58,6 +58,8 @@ def create_train_state(
         variables = variables_or_rng
     else:
         dummy = jnp.zeros(tuple(input_shape), model.param_dtype)
+        if getattr(model, "in_channels", None) not in (None, dummy.shape[-1]) and dummy.ndim == 4:
+            model = model.clone(in_channels=dummy.shape[-1])  # input_shape names the channels
         variables = jax.jit(functools.partial(model.init, train=False))(variables_or_rng, dummy)
     params = variables["params"]
     return TrainState(
