@@ -332,18 +332,13 @@ class BlockSpec:
         stage: 1..4.
         index: position in the stage.
         kind: ``"basic"`` or ``"bottleneck"``.
-        in_ch: channels in.
-        width: channels of the inner convs.
-        out_ch: channels out (``width`` for basic blocks, ``4 * planes`` for bottlenecks).
+        in_ch, width, out_ch: channels in, of the inner convs, out (``4 * planes`` for bottlenecks).
         stride: the block's stride (2 in the first block of layer2..4).
         groups: groups of the 3x3 conv (bottlenecks).
         stride_in_1x1: ResNet v1: a bottleneck strides in ``conv1`` instead of ``conv2``.
-        shortcut: ``"conv"`` or ``"avg_down"``; ``project`` says whether there is one.
-        project: the shortcut is a projection (``downsample``), not the identity.
+        shortcut: ``"conv"`` or ``"avg_down"`` (``project``: a ``downsample``, not the identity).
         attn: ``None`` or ``"se"`` (``attn_ch``: its ``fc1`` outputs).
-        convs: the residual branch's convs (the shapes the converter and the blocks share).
-        downsample: the shortcut's 1x1 conv (stride 1 for ``avg_down``,
-            whose pooling does the striding), or ``None`` for an identity.
+        convs, downsample, attn_convs: the convs' shapes (the converter's and the blocks').
     """
 
     stage: int
