@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # stdout closed early (`| head`): no error; nothing more to say
+        _quiet_stdout()
+        return 0
     except (UsageError, OSError, ValueError) as e:  # OSError: missing, unreadable, unwritable, disk full
         msg = " ".join(str(e).split())
         print(f"flax-resnet {args.command}: error: {msg}", file=sys.stderr)
@@ -95,6 +98,17 @@ def main(argv: list[str] | None = None) -> int:
             msg = " ".join(str(e).split())
         print(f"flax-resnet {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _quiet_stdout() -> None:
+    """Points stdout at /dev/null so the interpreter's final flush does not fail again on the closed pipe."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (tests capture it)
+        pass
+
 
 def _silence_stderr() -> None:
     """Sends the rest of this process's stderr to /dev/null.

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zipfile
 from typing import Iterator
 
 import numpy as np
 
+from flax_resnet.io import npz
+
 __all__ = [
     "Dataset",
     "DatasetError",
+    "DatasetWarning",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "NORMALIZATIONS",
@@ -38,12 +40,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's, for images in [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("dataset", "imagenet", "none")
 MAX_CLASSES = 1_000_000  # a larger head is a label bug, not a dataset
-BOMB_RATIO = 100  # real image arrays deflate by ~2-20x; zeros by ~1000x
-BOMB_MIN_BYTES = 64 * 2**20  # small members may compress as much as they like
 
 
 class DatasetError(ValueError):
     """A dataset file that cannot be trained on; the message names the file and the array."""
+
+
+class DatasetWarning(UserWarning):
+    """A dataset that trains but cannot be learned whole (a test class never seen in training)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +109,36 @@ def _sklearn():
         raise ModuleNotFoundError("the digits data and seeded data splits need scikit-learn: pip install 'flax-resnet[train]'") from None
 
 
-def _split(images, labels, test_fraction: float, seed: int):
+def _split(images, labels, test_fraction: float, seed: int, where: str = "digits"):
     _sklearn()
     from sklearn.model_selection import train_test_split
 
+    if not 0 < test_fraction < 1:
+        raise DatasetError(f"{where}: test_fraction must be between 0 and 1, got {test_fraction}")
     counts = np.bincount(labels)
     stratify = labels if counts[counts > 0].min() >= 2 else None
+    n_test = int(np.ceil(test_fraction * len(labels)))
+    n_classes = int((counts > 0).sum())
+    if stratify is not None and not n_classes <= n_test <= len(labels) - n_classes:
+        raise DatasetError(
+            f"{where}: a {test_fraction:g} test split of {len(labels)} images holds {n_test} test and {len(labels) - n_test} training images; "
+            f"a stratified split needs at least one per class ({n_classes}) in each: add images or give test_images/test_labels"
+        )
     return train_test_split(images, labels, test_size=test_fraction, random_state=seed, stratify=stratify)
+
+
+def _unseen_test_classes(where: str, y_train: np.ndarray, y_test: np.ndarray) -> None:
+    unseen = np.setdiff1d(y_test, y_train)
+    if unseen.size:
+        import warnings
+
+        i = int(np.argmax(np.isin(y_test, unseen)))
+        warnings.warn(
+            f"{where}: test label {int(y_test[i])} (test_labels[{i}]) and {unseen.size - 1} more class id(s) never occur in training: "
+            "those test images cannot be classified right",
+            DatasetWarning,
+            stacklevel=3,
+        )
 
 
 def _normalization(normalize: str, x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,46 +210,6 @@ def _available_memory() -> int | None:
     return None
 
 
-def _read_header(fp, version) -> tuple[tuple[int, ...], np.dtype]:
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-    else:
-        raise ValueError(f".npy format version {version} is not supported")
-    return shape, dtype
-
-
-def _declared(path: str, keys: tuple[str, ...]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shapes and dtypes of the ``keys`` arrays of an ``.npz``, from the headers alone (nothing inflated).
-
-    Refuses a member whose declared size does not match its array header,
-    and a large member that deflates over ``BOMB_RATIO`` times its stored size.
-    """
-    out = {}
-    with zipfile.ZipFile(path) as z:
-        members = {i.filename[: -len(".npy")]: i for i in z.infolist() if i.filename.endswith(".npy")}
-        for key in keys:
-            info = members.get(key)
-            if info is None:
-                continue
-            if info.file_size > BOMB_MIN_BYTES and info.file_size > BOMB_RATIO * max(info.compress_size, 1):
-                raise DatasetError(
-                    f"{path}: {key} declares {info.file_size:,} bytes stored in {info.compress_size:,} "
-                    f"(x{info.file_size // max(info.compress_size, 1):,}): refusing a likely deflate bomb"
-                )
-            with z.open(info) as m:
-                shape, dtype = _read_header(m, np.lib.format.read_magic(m))
-                header = m.tell()
-            if dtype.hasobject:
-                raise DatasetError(f"{path}: {key} holds Python objects (dtype {dtype}); save numeric arrays")
-            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-            if header + nbytes != info.file_size:
-                raise DatasetError(f"{path}: {key} declares shape {shape} ({nbytes:,} bytes) but holds {info.file_size - header:,}")
-            out[key] = (tuple(shape), dtype)
-    return out
-
-
 def _first(mask: np.ndarray) -> tuple[int, ...]:
     """Index of the first True of ``mask`` (C order)."""
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
@@ -287,6 +274,9 @@ def _labels(path: str, key: str, y: np.ndarray, n: int, num_classes: int | None)
     if len(y) and (y < 0).any():
         i = _first(y < 0)
         raise DatasetError(f"{path}: {_at(key, i)} = {y[i]}: class ids must be >= 0")
+    if len(y) and (y >= MAX_CLASSES).any():  # before any cast: a uint64 2**63 + 3 would wrap to a small id
+        i = _first(y >= MAX_CLASSES)
+        raise DatasetError(f"{path}: {_at(key, i)} = {y[i]} is not a class id (at most {MAX_CLASSES:,} classes)")
     if num_classes is not None and len(y) and (y >= num_classes).any():
         i = _first(y >= num_classes)
         raise DatasetError(f"{path}: {_at(key, i)} = {y[i]} is not a class id below num_classes {num_classes}")
@@ -358,12 +348,7 @@ def load_npz(
     if magic == b"\x93NUMPY":
         raise DatasetError(f"{path} is a single .npy array; a dataset is a .npz with images and labels: np.savez(path, images=x, labels=y)")
     keys = ("images", "labels", "test_images", "test_labels")
-    try:
-        declared = _declared(path, keys)
-    except DatasetError:
-        raise
-    except Exception as e:  # noqa: BLE001 - anything unreadable is bad input
-        raise DatasetError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
+    declared = {k: (m.shape, m.dtype) for k, m in npz.members(path, DatasetError).items() if k in keys}
     missing = [k for k in ("images", "labels") if k not in declared]
     if missing:
         raise DatasetError(f"{path} lacks array(s) {', '.join(missing)}; np.savez(path, images=x, labels=y)")
@@ -378,13 +363,11 @@ def load_npz(
         raise DatasetError(f"{path}: the images need ~{need / 2**30:.1f} GiB as float32, {avail / 2**30:.1f} GiB of memory is available")
 
     def read(key):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                return f[key]
-        except Exception as e:  # noqa: BLE001 - a damaged member (bad CRC, truncation)
-            raise DatasetError(f"{path}: cannot read {key} ({type(e).__name__}: {e})") from None
+        return npz.read(path, key, DatasetError)
 
     x = _images(path, "images", read("images"), channels_first)
+    if x.min() == x.max():
+        raise DatasetError(f"{path}: every pixel of every image is {x.flat[0]:g}: constant images hold nothing to learn")
     y = _labels(path, "labels", read("labels"), len(x), num_classes)
     labels = {"labels": y}
     if "test_images" in declared:
@@ -409,7 +392,8 @@ def load_npz(
     else:
         if len(x) < 2:
             raise DatasetError(f"{path} needs at least 2 images to split off a test set")
-        x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed)
+        x_train, x_test, y_train, y_test = _split(x, y, test_fraction, seed, path)
+    _unseen_test_classes(path, np.asarray(y_train), np.asarray(y_test))
     name = os.path.splitext(os.path.basename(path))[0]
     return _finish(name, x_train, y_train, x_test, y_test, num_classes, normalize)
 

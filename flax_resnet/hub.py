@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
@@ -300,49 +299,28 @@ def hf_snapshot(repo: str, download: bool = True, revision: str | None = None) -
     return config.parent
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({one_line(e, 120)})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _says_imagenet_1k(cfg: dict, name: str) -> bool:
+def _says_imagenet_1k(cfg, name: str) -> bool:
     """A timm config of 1000 classes whose pretrained tag or hub id ends in ``in1k`` (``a1_in1k``, ``ig1b_ft_in1k``)."""
-    pcfg = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
-    if cfg.get("num_classes", pcfg.get("num_classes")) != 1000:
+    if cfg.num_classes != 1000:
         return False
-    tags = (pcfg.get("tag"), pcfg.get("hf_hub_id"), name)
-    return any(isinstance(t, str) and t.rstrip("/").lower().endswith("in1k") for t in tags)
+    return any(t.rstrip("/").lower().endswith("in1k") for t in (*cfg.tags, name))
 
 
 def _from_hf_dir(name: str, d: Path) -> Pretrained:
-    """A Hugging Face model directory: timm's (``pretrained_cfg``) or transformers' (``model_type``)."""
-    cfg = _read_json(d / "config.json")
-    weights = next((d / f for f in ("model.safetensors", "pytorch_model.bin") if (d / f).is_file()), None)
-    if weights is None:
-        raise FileNotFoundError(f"{d}: no model.safetensors or pytorch_model.bin next to config.json")
-    if "pretrained_cfg" in cfg or "architecture" in cfg:  # timm's push_to_hub config
-        labels = cfg.get("label_names")
-        prep = pp.timm_preset(cfg.get("pretrained_cfg", {}), f"timm pretrained_cfg of {name}")
-        if not labels and _says_imagenet_1k(cfg, str(name)):  # timm's in1k configs carry no names: ImageNet's order
-            labels = imagenet_labels()
-        return Pretrained(name, "timm", d, d, tuple(labels) if labels else None, prep)
-    id2label = cfg.get("id2label")
-    labels = None
-    if isinstance(id2label, dict) and id2label:
-        try:
-            by_index = {int(k): str(v) for k, v in id2label.items()}
-        except ValueError:
-            raise ValueError(f"{d / 'config.json'}: id2label keys are not integers") from None
-        if sorted(by_index) == list(range(len(by_index))):
-            labels = tuple(by_index[i] for i in range(len(by_index)))
-    proc = d / "preprocessor_config.json"
-    prep = pp.transformers_preset(_read_json(proc), f"preprocessor_config.json of {name}") if proc.is_file() else pp.Preprocess()
-    return Pretrained(name, "transformers", d, d, labels, prep)
+    """A Hugging Face model directory: timm's (``pretrained_cfg``) or transformers' (``model_type``).
+
+    ``config.json`` and ``preprocessor_config.json`` are read by ``io.hf_dir.read_config``,
+    the one reader of model directories (``flax_resnet.load`` uses it too).
+    """
+    from flax_resnet.io.hf_dir import WEIGHT_FILES, read_config
+
+    cfg = read_config(d, preprocessing=True, name=name)
+    if not any((d / f).is_file() for f in WEIGHT_FILES):
+        raise FileNotFoundError(f"{d}: no {' or '.join(WEIGHT_FILES)} next to config.json")
+    labels = cfg.labels
+    if cfg.source == "timm" and not labels and _says_imagenet_1k(cfg, str(name)):  # timm's in1k configs carry no names: ImageNet's order
+        labels = imagenet_labels()
+    return Pretrained(name, cfg.source, d, d, labels, cfg.preprocess)
 
 
 def resolve(name: str | os.PathLike, download: bool = True, revision: str | None = None, check_hash: bool = True) -> Pretrained:

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 # JAX-side modules (training, data, builder) are imported inside the command, so that
@@ -192,9 +193,16 @@ def _build_model(args, dtype):
 
 
 def _load_data(args, in_ch):
+    from flax_resnet import data
     from flax_resnet.imagedata import stream
 
-    return stream.open_data(args, in_ch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", data.DatasetWarning)
+        ds = stream.open_data(args, in_ch)
+    for w in caught:  # one line each on stderr, as the command's other notes
+        if issubclass(w.category, data.DatasetWarning):
+            _say(f"warning: {w.message}")
+    return ds
 
 
 def _fit_head(model, variables, num_classes: int, rng, in_channels: int):
@@ -442,6 +450,8 @@ def run(args: argparse.Namespace) -> int:
               "classes": list(ds.classes) if ds.classes else None}
     config.update({k: getattr(args, k) for k in ("batch_size", "seed", "dtype") + RECIPE_KEYS})
     os.makedirs(args.workdir, exist_ok=True)
+    if not os.access(args.workdir, os.W_OK):  # a read-only mount or directory: say so before any checkpoint is tried
+        raise _usage(f"--workdir {args.workdir} is not writable")
     ckpt = training.Checkpointer(os.path.join(args.workdir, "checkpoints"), max_to_keep=args.keep_checkpoints)
     state, start_epoch, meta = _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh)
     ds.restore(meta.get("data"))

@@ -202,7 +202,7 @@ def _write_bad(name, tmp_path):
         return path, [], "images declares 147,456,128 bytes stored in"
     if name == "forged_header":
         _forged(path)
-        return path, [], "images declares shape (1000000, 8, 8, 3) (192,000,000 bytes) but holds 7,680"
+        return path, [], "images declares shape (1000000, 8, 8, 3) (192,000,000 bytes of uint8) but holds 7,680"
     if name == "not_a_zip":
         path.write_bytes(b"PK\x03\x04 not really a zip")
         return path, [], "is not a readable .npz file (BadZipFile"

@@ -1,9 +1,12 @@
-"""What every part of checkpoint I/O shares: the error, the finite rule, dtypes, trees, Ctrl-C."""
+"""What every part of checkpoint I/O shares: the error, dtypes, trees, Ctrl-C, the one JSON reader."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import signal
+import stat
 import threading
 from typing import Any, Iterator, Mapping
 
@@ -161,3 +164,67 @@ def check_interrupt() -> None:
     if _interrupted.is_set():
         _interrupted.clear()
         raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------
+# JSON
+
+
+MAX_JSON_BYTES = 64 * 2**20  # a config with a million class names is ~30 MB
+
+
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise ValueError(f"key {dup!r} appears twice")
+    return dict(pairs)
+
+
+def parse_json(text: str | bytes, where: str, error: type[Exception] = CheckpointError) -> Any:
+    """The one JSON parser of files and metadata: one line for bad syntax, duplicate keys or deep nesting.
+
+    Nesting deeper than ``MAX_TREE_DEPTH`` is refused (every config and
+    metadata here is a few levels deep) before Python's recursion limit is
+    reached.
+
+    Raises:
+        ``error``: naming ``where``.
+    """
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise error(f"{where}: JSON nested more than {MAX_TREE_DEPTH} levels deep; refused") from None
+    except (ValueError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError, duplicate keys
+        raise error(f"{where}: unreadable JSON ({type(e).__name__}: {one_line(e, 120)})") from None
+    if tree_depth(data) > MAX_TREE_DEPTH:
+        raise error(f"{where}: JSON nested more than {MAX_TREE_DEPTH} levels deep; refused")
+    return data
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = CheckpointError, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """A JSON object from a regular file of at most ``max_bytes`` (see ``parse_json``).
+
+    Raises:
+        FileNotFoundError; ``error``: not a regular file, too large, not JSON,
+        not an object (one line naming the file).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except OSError as e:
+        raise error(f"{path}: unreadable ({one_line(e, 120)})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: not a regular file")
+    if st.st_size > max_bytes:
+        raise error(f"{path}: {st.st_size:,} bytes; a JSON config here is at most {max_bytes:,}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise error(f"{path}: unreadable ({one_line(e, 120)})") from None
+    data = parse_json(raw, str(path), error)
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data

@@ -14,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from flax_resnet.convert import ConversionError, infer_config, infer_flax_config, leaves, normalize_state_dict
-from flax_resnet.io import hf_dir, orbax_io, torch_pickle
+from flax_resnet.io import hf_dir, npz, orbax_io, torch_pickle
 from flax_resnet.io.atomic import write_bytes
 from flax_resnet.io.common import (
     FLAX_COLLECTIONS,
@@ -30,6 +29,7 @@ from flax_resnet.io.common import (
     check_interrupt,
     flat,
     one_line,
+    parse_json,
     to_numpy_tree,
     tree_depth,
     unflat,
@@ -104,16 +104,41 @@ def torch_keys(raw: Mapping[str, Any], p: Path) -> tuple[dict[str, np.ndarray], 
     return sd, prefix
 
 
+def check_meta(meta: Any, where: str) -> dict:
+    """flax-resnet metadata of any format, the fields the readers use checked (``num_batches_tracked``: ``resolve``).
+
+    Raises:
+        CheckpointError: a field of the wrong type, naming the file and field.
+    """
+    if not isinstance(meta, dict):
+        return {}
+    for key in ("source", "arch", "layout", "dtype", "source_format"):
+        if key in meta and not isinstance(meta[key], str):
+            raise CheckpointError(f"{where}: metadata {key} must be a string, found {one_line(repr(meta[key]), 60)}")
+    if meta.get("source") == "timm" and "arch" in meta:
+        from flax_resnet.archs import ARCHS
+
+        if meta["arch"] not in ARCHS:
+            raise CheckpointError(f"{where}: metadata arch {one_line(repr(meta['arch']), 60)} is not an architecture this library builds")
+    if "stride_in_1x1" in meta and not isinstance(meta["stride_in_1x1"], bool):
+        raise CheckpointError(f"{where}: metadata stride_in_1x1 must be true or false, found {one_line(repr(meta['stride_in_1x1']), 60)}")
+    labels = meta.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
+        raise CheckpointError(f"{where}: metadata labels must be a list of strings, found {one_line(repr(labels), 60)}")
+    return meta
+
+
 def _split_meta(tree: dict, p: Path) -> dict:
     raw = tree.pop(META_KEY, None)
     if raw is None:
         return {}
-    try:
-        raw = raw.item() if isinstance(raw, np.ndarray) else raw
-        meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    except (ValueError, TypeError, AttributeError):
-        raise CheckpointError(f"{p}: unreadable {META_KEY} entry") from None
-    return meta if isinstance(meta, dict) else {}
+    if isinstance(raw, np.ndarray):
+        if raw.size != 1 or raw.dtype.kind not in "SU":
+            raise CheckpointError(f"{p}: unreadable {META_KEY} entry (a {raw.dtype} array of shape {raw.shape}, not a JSON string)")
+        raw = raw.reshape(()).item()
+    if not isinstance(raw, (str, bytes)):
+        raise CheckpointError(f"{p}: unreadable {META_KEY} entry ({type(raw).__name__}, not a JSON string)")
+    return check_meta(parse_json(raw, f"{p}: {META_KEY}"), str(p))
 
 
 def from_flat(tensors: dict[str, np.ndarray], fmt: str, p: Path, meta: dict) -> Checkpoint:
@@ -161,27 +186,13 @@ def _check_depth(tree: Any, p: Path) -> None:
 # readers
 
 
-def _npz_declared(p: Path) -> dict[str, tuple[tuple, np.dtype]]:
-    """Shape and dtype of every ``.npy`` member, from its header alone (nothing else is inflated)."""
-    declared = {}
-    with zipfile.ZipFile(p) as z:
-        for info in z.infolist():
-            with z.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                if version not in ((1, 0), (2, 0)):
-                    raise ValueError(f"{info.filename}: .npy format version {version}")
-                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = header(f)
-            declared[info.filename[: -len(".npy")]] = (tuple(shape), np.dtype(dtype))
-    return declared
-
-
 def _check_npz_sizes(p: Path) -> None:
-    """Refuses an .npz whose declared arrays exceed what its architecture holds, before inflating any (zip bombs)."""
-    try:
-        declared = _npz_declared(p)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, TypeError) as e:
-        raise CheckpointError(f"{p}: corrupt, truncated or unsafe .npz file ({one_line(e, 160)})") from None
+    """Refuses an .npz whose declared arrays exceed what its architecture holds, before inflating any (zip bombs).
+
+    ``npz.members`` refuses bombs and lying headers whatever the keys; this adds
+    the architecture's own bound where the keys name one.
+    """
+    declared = {k: (m.shape, m.dtype) for k, m in npz.members(p, CheckpointError).items()}
     stubs = {k: np.lib.stride_tricks.as_strided(np.zeros(1, d if d.kind in "biufcV" else np.uint8), shape, (0,) * len(shape)) for k, (shape, d) in declared.items()}
     nbytes = {k: int(np.prod(shape, dtype=np.float64)) * d.itemsize for k, (shape, d) in declared.items()}
     try:
@@ -225,11 +236,8 @@ def _read_safetensors(p: Path) -> Checkpoint:
         raise CheckpointError(f"{p}: corrupt or truncated safetensors file ({one_line(e, 160)})") from None
     meta = {}
     if SAFETENSORS_META_KEY in header:
-        try:
-            meta = json.loads(header[SAFETENSORS_META_KEY])
-        except ValueError:
-            raise CheckpointError(f"{p}: unreadable '{SAFETENSORS_META_KEY}' metadata") from None
-    return from_flat(dict(tensors), "safetensors", p, meta if isinstance(meta, dict) else {})
+        meta = check_meta(parse_json(header[SAFETENSORS_META_KEY], f"{p}: '{SAFETENSORS_META_KEY}' metadata"), str(p))
+    return from_flat(dict(tensors), "safetensors", p, meta)
 
 
 def _read_msgpack(p: Path) -> Checkpoint:
@@ -261,7 +269,7 @@ def _read_pth(p: Path) -> Checkpoint:
 
 def _read_orbax(p: Path) -> Checkpoint:
     item = orbax_item_dir(p)
-    meta = orbax_io.custom_metadata(item, p)
+    meta = check_meta(orbax_io.custom_metadata(item, p), str(p))
     tree = orbax_io.restore_on_host(item)
     _check_depth(tree, p)
     variables, wrapper, extras = find_variables(to_numpy_tree(tree), p)
@@ -280,8 +288,9 @@ def read(path: str | os.PathLike) -> Checkpoint:
         FileNotFoundError, IsADirectoryError, CheckpointError.
     """
     if hf_dir.is_model_dir(Path(path)):  # a Hugging Face model directory: config.json + weights
+        cfg = hf_dir.read_config(Path(path))  # the config first: it is small, the weights are not
         ck = read(hf_dir.weights_file(Path(path)))
-        return dataclasses.replace(ck, path=Path(path), meta={**ck.meta, **hf_dir.read_model_dir(Path(path), ck)})
+        return dataclasses.replace(ck, path=Path(path), meta={**ck.meta, **hf_dir.read_model_dir(Path(path), ck, cfg)})
     fmt = detect_format(path)
     ck = READERS[fmt](Path(path))
     check_interrupt()

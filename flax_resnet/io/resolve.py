@@ -309,7 +309,7 @@ def load(
     if cfg.scan_blocks:
         variables = stack_blocks(variables)
     if api == "nnx":
-        return from_linen(nnx.eval_shape(lambda: build(cfg, "nnx", **runtime)), variables)
+        return from_linen(nnx.eval_shape(lambda: build(cfg, "nnx", **runtime)), variables, allow_nonfinite=True)  # load_variables applied the finite rule
     return build(cfg, **runtime), variables
 
 

@@ -20,6 +20,7 @@ from flax_resnet.archs import ArchSpec, get_arch
 from flax_resnet.config import ModelConfig, dtype_of, split_settings
 from flax_resnet.convert import (
     ConversionError,
+    check_finite,
     check_variables,
     flax_to_torch,
     infer_flax_config,
@@ -63,7 +64,7 @@ def to_linen(model: ResNet | nnx.State) -> dict[str, dict]:
     return {c: traverse_util.unflatten_dict(t) for c, t in flat.items()}
 
 
-def from_linen(model_or_arch: ResNet | ModelConfig | str | ArchSpec, variables: Mapping[str, Any], **model_kwargs: Any) -> ResNet:
+def from_linen(model_or_arch: ResNet | ModelConfig | str | ArchSpec, variables: Mapping[str, Any], allow_nonfinite: bool = False, **model_kwargs: Any) -> ResNet:
     """An NNX ResNet holding Linen ResNet variables (exactly; the arrays are placed, not changed).
 
     Args:
@@ -78,13 +79,16 @@ def from_linen(model_or_arch: ResNet | ModelConfig | str | ArchSpec, variables: 
         **model_kwargs: with an architecture or config, more ``ModelConfig``
             fields (``dtype``, ``scan_blocks``, ``remat``, ``precision``, ...)
             and ``axis_name``.
+        allow_nonfinite: accept NaN/Inf values (refused by default: the one
+            rule of ``flax_resnet.convert.check_finite``).
 
     Returns:
         The model (the same object when one was given), in train mode when
         newly built, like any new NNX ResNet.
 
     Raises:
-        ConversionError: every missing, unexpected and mis-shaped leaf at once.
+        ConversionError: every missing, unexpected and mis-shaped leaf at
+            once; NaN/Inf values.
     """
     target = f"NNX {getattr(model_or_arch, 'arch', getattr(model_or_arch, 'name', model_or_arch))}"
     if not isinstance(variables, Mapping):
@@ -114,6 +118,8 @@ def from_linen(model_or_arch: ResNet | ModelConfig | str | ArchSpec, variables: 
         unrolled = {c: {k: v for k, v in t.items() if k in keep} for c, t in unrolled.items() if isinstance(t, Mapping)}
     else:
         check_variables(unrolled, ModelConfig(model.spec, layout, model.num_classes, model.in_channels, conv_bias=model.conv_bias), f"NNX {model.arch}")
+    if not allow_nonfinite:
+        check_finite(traverse_util.flatten_dict(dict(unrolled), sep="/"), f"NNX {model.arch}")
     tree = stack_blocks(unrolled) if model.scan_blocks else unrolled
     flat = {(c, *map(str, p)): v for c in ("params", "batch_stats") for p, v in traverse_util.flatten_dict(dict(tree.get(c, {}))).items()}
     want = {(c, *p): tuple(var.shape) for p, c, var in state}
@@ -137,7 +143,8 @@ def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: s
         layout: force the layout (``"torchvision"``, ``"seed"``, ``"transformers"``).
         param_dtype: cast the weights to this dtype (else the source's).
         scan_blocks: stack each stage's repeated blocks (``nnx.scan``).
-        allow_nonfinite: accept NaN/Inf weights.
+        allow_nonfinite: accept NaN/Inf weights (refused by default, as
+            ``flax_resnet.from_torch`` does).
         **model_kwargs: more ``ModelConfig`` fields (``dtype``, ``precision``,
             ``stride_in_1x1``, ``remat``, ...) and ``axis_name``.
 
@@ -151,7 +158,7 @@ def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: s
     """
     settings, runtime = split_settings(model_kwargs)
     cfg, variables = state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks, allow_nonfinite, **settings)
-    return from_linen(cfg, variables, **runtime)
+    return from_linen(cfg, variables, allow_nonfinite=True, **runtime)  # state_dict_variables applied the finite rule
 
 
 def to_torch(model: ResNet, layout: str = "torchvision", num_batches_tracked: int = 0) -> dict[str, np.ndarray]:

@@ -159,13 +159,13 @@ class TrainStateBridge:
 
     def __init__(self, linen_model: Any, state: Any):
         variables = state.variables()
-        self.model = from_linen(model_config(linen_model, variables), variables, axis_name=linen_model.axis_name)
+        self.model = from_linen(model_config(linen_model, variables), variables, allow_nonfinite=True, axis_name=linen_model.axis_name)  # a training state, not input
         self.optimizer = create_optimizer(self.model, state.tx)
         self.load(state)
 
     def load(self, state: Any) -> None:
         """Puts ``state``'s step, params, BatchNorm statistics and optimizer state into the NNX objects."""
-        from_linen(self.model, state.variables())
+        from_linen(self.model, state.variables(), allow_nonfinite=True)
         opt = _opt_variables(self.optimizer)
         given = {tuple(_key_name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]}
         if set(given) != set(opt):
