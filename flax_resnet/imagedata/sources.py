@@ -319,7 +319,9 @@ def _open_hf(path: str):
 def detect(path: str) -> str:
     """``"npz"``, ``"hf"`` (save_to_disk or parquet folder) or ``"folder"`` for what ``path`` holds."""
     if os.path.isfile(path):
-        if path.endswith(".npz"):
+        with open(path, "rb") as f:
+            npy = f.read(6) == b"\x93NUMPY"  # the .npz reader says how to make a dataset of it
+        if path.endswith(".npz") or npy:
             return "npz"
         raise DataError(f"{path}: a file, but not a .npz; --data takes an image folder, a datasets directory or a .npz")
     if not os.path.isdir(path):

@@ -170,16 +170,15 @@ def open_data(args: Any, in_ch: int | None) -> ArrayData | ImageData:
         sources.DataError, FileNotFoundError, ValueError: one line naming the path.
     """
     from flax_resnet import data
+    from flax_resnet.imagedata import pipeline, sources
 
     path = args.data if args.data is not None else args.dataset
-    if path == "digits" or path.endswith(".npz"):
+    if path == "digits" or sources.detect(path) == "npz":
         if path == "digits":
             ds = data.load_digits(size=args.size or 32, channels=in_ch or 1, seed=args.seed, normalize=args.normalize)
         else:
             ds = data.load_npz(path, size=args.size, seed=args.seed, num_classes=args.num_classes, channels_first=args.channels_first, channels=in_ch, normalize=args.normalize)
         return ArrayData(ds, args.batch_size, args.seed, args.max_shift)
-    from flax_resnet.imagedata import pipeline, sources
-
     if in_ch not in (None, 3):
         raise ValueError(f"{path}: images are read as RGB but the --init model takes {in_ch}-channel input")
     splits = sources.open_splits(path, on_bad=args.on_bad_image, val_fraction=args.val_fraction, seed=args.seed)
