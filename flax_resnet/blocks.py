@@ -25,6 +25,8 @@ from flax_resnet.attention import SqueezeExcite
 from flax_resnet.layers import avg_pool_ceil, conv, relu
 
 ModuleDef = Any
+
+
 def _conv(factory: ModuleDef, features: int, kernel: int, name: str, stride: int = 1, groups: int = 1) -> nn.Module:
     """A torch ``Conv2d(..., kernel, stride, padding=kernel // 2, groups)``."""
     return conv(factory, ConvSpec(0, features, kernel, stride, kernel // 2, groups), name)
