@@ -163,9 +163,9 @@ def read_config(p: Path, preprocessing: bool = False, name: str | None = None) -
         arch = _timm_arch(cfg, where)
         pcfg = cfg.get("pretrained_cfg")
         pcfg = pcfg if isinstance(pcfg, dict) else {}  # checked below when the preprocessing is read
-        num_classes = _int(cfg, "num_classes", where) if "num_classes" in cfg else None
+        num_classes = _int(cfg, "num_classes", where, 0) if "num_classes" in cfg else None
         if num_classes is None and "num_classes" in pcfg:
-            num_classes = _int(pcfg, "num_classes", f"{where} pretrained_cfg")
+            num_classes = _int(pcfg, "num_classes", f"{where} pretrained_cfg", 0)
         tags = tuple(t for t in (pcfg.get("tag"), pcfg.get("hf_hub_id")) if isinstance(t, str))
         labels = _label_names(cfg.get("label_names"), where)
         if labels is not None and num_classes is not None and len(labels) != num_classes:
