@@ -94,7 +94,7 @@ TIMM_CASES = {
     "label_names_int": ({"label_names": 5}, "label_names must be a list of strings, found 5", True),
     "label_names_str": ({"label_names": "abcdefghij"}, "label_names must be a list of strings, found 'abcdefghij'", True),
     "architecture_int": ({"architecture": 18}, "'architecture' must be a string, found 18", True),
-    "num_classes_str": ({"num_classes": "10"}, "num_classes must be an integer from 1 to 1,000,000, found '10'", True),
+    "num_classes_str": ({"num_classes": "10"}, "num_classes must be an integer from 0 to 1,000,000, found '10'", True),
 }
 TRANSFORMERS_CASES = {
     "id2label_leading_zero": ({"id2label": {**TRANSFORMERS["id2label"], "01": "x"}}, "id2label key '01' is not a class index", True),
