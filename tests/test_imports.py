@@ -93,7 +93,6 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-@pytest.mark.xfail(strict=True, reason="known: flax_resnet.imagedata.ops <-> pipeline (ops imports pipeline; pipeline imports ops lazily behind the optional grain import); to be split")
 def test_no_import_cycles():
     graph = import_graph()
     assert len(graph) > 50 and graph["flax_resnet.io.resolve"], "the reader found the project's modules and their imports"

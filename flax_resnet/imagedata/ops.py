@@ -6,7 +6,7 @@ import grain
 import numpy as np
 
 from flax_resnet import preprocess as pp
-from flax_resnet.imagedata.pipeline import AUGMENTS, RATIO, BadImage, Recipe, _bad, _normalize, decode, rrc_box  # noqa: F401
+from flax_resnet.imagedata.transforms import AUGMENTS, RATIO, BadImage, Recipe, _bad, _normalize, decode, rrc_box
 
 
 class TrainTransform(grain.transforms.RandomMap):

@@ -66,7 +66,7 @@ class ArrayData:
 
 def _dataset_stats(records, recipe, limit: int = 256, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std in [0, 1] of up to ``limit`` seeded training images after the eval resize/crop."""
-    from flax_resnet.imagedata.pipeline import BadImage, decode
+    from flax_resnet.imagedata.transforms import BadImage, decode
 
     raw = pp.Preprocess(**{**recipe.eval_pp.__dict__, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)})
     idx = np.random.default_rng(seed).permutation(len(records))[:limit]
@@ -203,7 +203,7 @@ def open_data(args: Any, in_ch: int | None) -> ArrayData | ImageData:
 
 def add_arguments(p) -> None:
     """The ``train`` command's options for image folders and ``datasets`` directories (an argparse group)."""
-    from flax_resnet.imagedata.pipeline import AUGMENTS
+    from flax_resnet.imagedata.transforms import AUGMENTS
 
     d = p.add_argument_group("image folders and datasets directories (streamed with grain)")
     d.add_argument("--data", default=None, metavar="PATH",
