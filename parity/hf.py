@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flax_resnet.archs import get_arch
+from flax_resnet.archs import from_transformers_name, get_arch
 from parity.fixtures import randomize_and_calibrate
 
 
@@ -58,6 +58,21 @@ class TransformersResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_intermediates(x)["logits"]
+
+    @staticmethod
+    def relu_owner(name: str) -> str:
+        """The torch_ref module whose ReLU ``name`` is (``""``, ``"layer1.0"``), where the Flax forward records its sign.
+
+        transformers gives each conv layer its own ReLU
+        (``...layers.0.layer.1.activation``) and each block one after the sum
+        (``...layers.0.activation``); torch_ref calls its block's one
+        ``relu`` for all of them, in the same order.
+        """
+        parent = name.rpartition(".")[0]
+        conv = from_transformers_name(f"{parent}.convolution") or from_transformers_name(f"{parent}.layer.0.convolution")
+        if conv is None:
+            raise ValueError(f"kink matching: the ReLU {name!r} has no torch_ref counterpart")
+        return conv.rpartition(".")[0]
 
 
 def config_of(arch: str) -> dict[str, Any]:

@@ -232,7 +232,8 @@ def _kinks_like(model: torch.nn.Module, relu_masks: Mapping[str, Sequence[np.nda
     left alone: that is a real discrepancy. ``relu_masks`` maps the name of
     the module that owns each ``nn.ReLU`` (``""``, ``"layer1.0"``,
     ``"conv1"``, ``"layer1.0.se"``) to the other run's NHWC booleans
-    ``x > 0`` of its calls, in call order.
+    ``x > 0`` of its calls, in call order; a model whose modules have other
+    names says which torch_ref module owns each ReLU (``relu_owner(name)``).
 
     Yields:
         ``{"moved": n}``, filled in by the forward.
@@ -243,6 +244,7 @@ def _kinks_like(model: torch.nn.Module, relu_masks: Mapping[str, Sequence[np.nda
     """
     state = {"calls": 0, "moved": 0}
     seen: dict[str, int] = {}
+    owner = getattr(model, "relu_owner", lambda name: name.rpartition(".")[0])
     total = sum(len(v) for v in relu_masks.values())
 
     def hook(parent, module, inputs, output):
@@ -261,7 +263,7 @@ def _kinks_like(model: torch.nn.Module, relu_masks: Mapping[str, Sequence[np.nda
         return F.relu(z + torch.where(flip, -2 * z, torch.zeros_like(z)).detach())
 
     handles = [
-        m.register_forward_hook(functools.partial(hook, name.rpartition(".")[0]))
+        m.register_forward_hook(functools.partial(hook, owner(name)))
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.ReLU)
     ]

@@ -87,12 +87,21 @@ def test_parity_against_transformers_float64(name):
 
 
 @pytest.mark.parametrize("name", ["resnet-18"])  # resnet-50: float64 above; its fp32 numbers are torch_ref's (tests/test_parity.py)
-@pytest.mark.xfail(strict=True, reason="known regression: the derived ReLU order matches torch modules by name and has no mask for transformers' module names (resnet.embedder.embedder)")
 def test_parity_against_transformers_float32(name):
     m = TransformersResNet(hf_model(name))
     x = fixtures.images(2, 3, 64, 64).numpy()
     r = harness.run_parity(m, x, modes=("eval", "train", "grad"), dtype="float32")
     assert r.passed, r.format()
+    assert r.kinks is not None, "the gradient reference was taken on Flax's side of every ReLU kink (transformers' module names mapped)"
+
+
+def test_relu_owner_names_torch_ref_modules():
+    owner = TransformersResNet.relu_owner
+    assert owner("resnet.embedder.embedder.activation") == ""
+    assert owner("resnet.encoder.stages.2.layers.1.layer.0.activation") == "layer3.1"
+    assert owner("resnet.encoder.stages.0.layers.0.activation") == "layer1.0"
+    with pytest.raises(ValueError, match="pooler"):
+        owner("resnet.pooler.activation")
 
 
 @pytest.fixture()
