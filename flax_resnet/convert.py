@@ -289,20 +289,34 @@ def _convert(sd: Mapping[str, np.ndarray], cfg: ModelConfig, dtype: Any, scan_bl
 
 def state_dict_variables(
     state_dict: Mapping[str, Any], arch: str | None = None, layout: str | None = None, param_dtype: Any = None, scan_blocks: bool = False,
-    allow_nonfinite: bool = False, **settings: Any,
+    allow_nonfinite: bool = False, config: ModelConfig | None = None, **settings: Any,
 ) -> tuple[ModelConfig, dict]:
     """``(config, variables)`` of a torch state_dict: what each front end's ``from_torch`` builds from.
 
     The state_dict is normalized and its config inferred once; ``settings``
     (``ModelConfig`` fields: ``dtype``, ``precision``, ``stride_in_1x1``, ...)
-    complete the config.
+    complete the config. A whole ``config`` instead is the model to build:
+    the weights must be its architecture, classes and channels, and are cast
+    to its ``param_dtype`` (stacked when it has ``scan_blocks``).
     """
+    if config is not None:
+        given = [name for name, v in (("arch", arch), ("layout", layout), ("param_dtype", param_dtype), ("scan_blocks", scan_blocks)) if v] + sorted(settings)
+        if given:
+            raise ValueError(f"from_torch: pass config, or {', '.join(given)}, not both (config.replace({given[0]}=...) changes the config)")
+        arch, layout, param_dtype, scan_blocks = config.arch if isinstance(config.arch, str) else None, config.layout, config.param_dtype, config.scan_blocks
     _check_float_dtype(param_dtype)
     sd = normalize_state_dict(state_dict)
     cfg = infer_config(sd, arch, layout)
+    if config is not None:
+        if (cfg.spec, cfg.num_classes, cfg.in_channels) != (config.spec, config.num_classes, config.in_channels):
+            raise ConversionError(f"{config.spec.name} ({config.num_classes} classes, {config.in_channels} channels)", other=[
+                f"the state_dict holds a {cfg.spec.name} with {cfg.num_classes} classes and {cfg.in_channels} input channels"])
+        cfg = config
     variables = _convert(sd, cfg, param_dtype, scan_blocks)
     if not allow_nonfinite:
         check_finite({leaf.torch_key: sd[leaf.torch_key] for leaf in leaves(cfg)}, "Flax variables")
+    if config is not None:
+        return config, variables
     dtype = dtype_of(variables)
     cfg = cfg.replace(**({"param_dtype": dtype} if dtype else {}), scan_blocks=scan_blocks, **settings)
     return cfg, variables
@@ -315,6 +329,7 @@ def from_torch(
     param_dtype: Any = None,
     scan_blocks: bool = False,
     allow_nonfinite: bool = False,
+    config: ModelConfig | None = None,
     **model_kwargs: Any,
 ):
     """Builds the Flax model that matches a state_dict, and its variables.
@@ -328,19 +343,23 @@ def from_torch(
             stacked variables.
         allow_nonfinite: accept NaN/Inf weights (refused by default, as
             ``load`` and ``flax-resnet convert`` refuse them).
+        config: the whole model description instead of ``arch``, ``layout``,
+            ``param_dtype``, ``scan_blocks`` and settings: the weights must
+            be its architecture, classes and channels.
         **model_kwargs: more ``ModelConfig`` fields (``dtype``, ``precision``,
             ``stride_in_1x1``, ``remat``, ...) and ``axis_name``.
 
     Returns:
         ``(model, variables)``; the variables own their memory and
-        ``flax_resnet.model_config(model)`` is the inferred config.
+        ``flax_resnet.model_config(model)`` is the inferred config (or ``config``).
 
     Raises:
         ConversionError: the state_dict does not fit (every problem at once),
             holds NaN/Inf, or ``param_dtype`` is not floating.
+        ValueError: ``config`` together with ``arch``, ``layout`` or settings.
     """
     settings, runtime = split_settings(model_kwargs)
-    cfg, variables = state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks, allow_nonfinite, **settings)
+    cfg, variables = state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks, allow_nonfinite, config, **settings)
     return ResNet.from_config(cfg, **runtime), variables
 
 

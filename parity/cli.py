@@ -118,9 +118,7 @@ def _load_reference(path: str, layout: str | None):
     from flax_resnet.io.resolve import resolve, torch_state
 
     resolved = resolve(read(path), layout=layout)  # strict: every key and shape, NaN/Inf refused (exit 2)
-    config = resolved.config
-    if resolved.source.meta.get("stride_in_1x1"):  # ResNet v1: known from a model directory's config only
-        config = config.replace(stride_in_1x1=True)
+    config = resolved.config  # with what only a model directory's config says (ResNet v1 strides)
     sd = {k: torch.from_numpy(v.astype("float32") if v.dtype.kind == "f" else v) for k, v in torch_state(resolved, config.layout).items()}
     if config.layout == "transformers":
         from parity import hf

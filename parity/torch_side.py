@@ -6,7 +6,7 @@ import contextlib
 import copy
 import functools
 import platform
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -165,13 +165,21 @@ def _torch_side(
     variant: str = "default",
     relu_masks: Mapping[str, Sequence[np.ndarray]] | None = None,
     noise_seed: int | None = None,
+    record_signs: bool = False,
 ) -> dict[str, Any]:
-    """Runs ``model`` in ``modes``; ``noise_seed`` makes it a float64 sensitivity run (``_rounding_noise``, inputs included)."""
+    """Runs ``model`` in ``modes``.
+
+    ``noise_seed`` makes it a float64 sensitivity run (``_rounding_noise``,
+    inputs included); ``relu_masks`` puts its gradient on another run's side
+    of every ReLU kink (``_kinks_like``; ``out["kinks"]``: how many inputs
+    moved); ``record_signs`` returns the gradient forward's ReLU signs
+    (``out["relu_signs"]``, the masks for other runs).
+    """
     if noise_seed is not None:
         model = copy.deepcopy(model).double()
         x = x * (1 + FP32_ULP * (2 * np.random.default_rng(noise_seed).random(x.shape) - 1))
         with _rounding_noise(model, FP32_ULP, noise_seed):
-            return _torch_side(model, x, labels, modes, steps)
+            return _torch_side(model, x, labels, modes, steps, relu_masks=relu_masks)
     dev = torch_device()
     dtype = next(model.parameters()).dtype
     xt = torch.from_numpy(x).to(dev, dtype)
@@ -194,11 +202,17 @@ def _torch_side(
             out["train"] = res
         if "grad" in modes:
             m = copy.deepcopy(model).to(dev).train()
-            with _kinks_like(m, relu_masks) if relu_masks is not None else contextlib.nullcontext() as kinks:
+            if relu_masks is not None:
+                hooks = _kinks_like(m, relu_masks)
+            else:
+                hooks = _relu_signs(m) if record_signs else contextlib.nullcontext()
+            with hooks as seen:
                 loss = F.cross_entropy(_logits32(m(xt)), yt)
             loss.backward()
-            if kinks is not None:
-                out["kinks"] = kinks["moved"]
+            if relu_masks is not None:
+                out["kinks"] = seen["moved"]
+            elif record_signs:
+                out["relu_signs"] = seen
             res = {"loss": np.asarray(loss.item())}
             res.update({f"grad:{k}": _numpy(p.grad) for k, p in m.named_parameters()})
             out["grad"] = res
@@ -216,6 +230,43 @@ def _torch_side(
 
 
 @contextlib.contextmanager
+def _relu_calls(model: torch.nn.Module, fn: Callable[[str, int, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Calls ``fn(owner, i, x)`` on the input of every ``nn.ReLU`` call of ``model``'s forward.
+
+    ``owner``: the name of the torch_ref module that owns the ReLU (``""``,
+    ``"layer1.0"``, ``"layer1.0.se"``; a model whose modules have other names
+    maps them with its ``relu_owner(name)``), ``i``: the call's number
+    there. A tensor ``fn`` returns replaces the ReLU's output.
+    """
+    seen: dict[str, int] = {}
+    owner = getattr(model, "relu_owner", lambda name: name.rpartition(".")[0])
+
+    def hook(parent, module, inputs, output):
+        i = seen.get(parent, 0)
+        seen[parent] = i + 1
+        return fn(parent, i, inputs[0])
+
+    handles = [m.register_forward_hook(functools.partial(hook, owner(name))) for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _relu_signs(model: torch.nn.Module) -> Iterator[dict[str, list[np.ndarray]]]:
+    """Records every ReLU input's sign (``x > 0``, NHWC) of a forward, per owning module, in call order (``_kinks_like``'s masks)."""
+    signs: dict[str, list[np.ndarray]] = {}
+
+    def record(parent, i, z):
+        signs.setdefault(parent, []).append((z > 0).permute(0, 2, 3, 1).cpu().numpy())
+
+    with _relu_calls(model, record):
+        yield signs
+
+
+@contextlib.contextmanager
 def _kinks_like(model: torch.nn.Module, relu_masks: Mapping[str, Sequence[np.ndarray]]) -> Iterator[dict[str, int]]:
     """Makes a torch forward take another run's side of every ReLU kink.
 
@@ -224,16 +275,16 @@ def _kinks_like(model: torch.nn.Module, relu_masks: Mapping[str, Sequence[np.nda
     on either side depending on summation order alone, and the two sides'
     gradients differ by O(1) at that position and, through train-mode
     BatchNorm, by ~1e-3 in every layer below (the ResNeXt-50 fixture: one
-    input of 4e-6 in layer3.3). So the float64 reference is taken on the
-    fp32 run's side: each ``nn.ReLU`` call whose input has the other sign
+    input of 4e-6 in layer3.3). So every gradient is compared on one side:
+    the float64 reference is taken on the fp32 Flax run's side, and each
+    equally valid torch run that measures the fp32 noise on the float64
+    reference's side. Each ``nn.ReLU`` call whose input has the other sign
     *and* lies within ``KINK_BAND`` of its tensor's max|x| of zero gets its
     input mirrored (``x -> -x``, a move of at most 2e-4 of max|x|, the
     gradient passing unchanged). A sign that differs farther from zero is
-    left alone: that is a real discrepancy. ``relu_masks`` maps the name of
-    the module that owns each ``nn.ReLU`` (``""``, ``"layer1.0"``,
-    ``"conv1"``, ``"layer1.0.se"``) to the other run's NHWC booleans
-    ``x > 0`` of its calls, in call order; a model whose modules have other
-    names says which torch_ref module owns each ReLU (``relu_owner(name)``).
+    left alone: that is a real discrepancy. ``relu_masks`` maps the owner of
+    each ReLU (``_relu_calls``) to the other run's NHWC booleans ``x > 0``
+    of its calls, in call order.
 
     Yields:
         ``{"moved": n}``, filled in by the forward.
@@ -243,37 +294,24 @@ def _kinks_like(model: torch.nn.Module, relu_masks: Mapping[str, Sequence[np.nda
             ``relu_masks`` has, or one of another shape.
     """
     state = {"calls": 0, "moved": 0}
-    seen: dict[str, int] = {}
-    owner = getattr(model, "relu_owner", lambda name: name.rpartition(".")[0])
     total = sum(len(v) for v in relu_masks.values())
 
-    def hook(parent, module, inputs, output):
-        i = seen.get(parent, 0)
-        seen[parent] = i + 1
+    def match(parent, i, z):
         state["calls"] += 1
-        z = inputs[0]
         masks = relu_masks.get(parent, ())
         if i >= len(masks):
-            raise ValueError(f"kink matching: ReLU call {i + 1} of torch module {parent or 'model'!r} has no Flax mask (Flax has {len(masks)})")
+            raise ValueError(f"kink matching: ReLU call {i + 1} of torch module {parent or 'model'!r} has no mask (the other run has {len(masks)})")
         want = torch.from_numpy(np.ascontiguousarray(masks[i].transpose(0, 3, 1, 2))).to(z.device)
         if want.shape != z.shape:
-            raise ValueError(f"kink matching: ReLU call {i + 1} of {parent or 'model'!r} has shape {tuple(z.shape)} in torch, {tuple(want.shape)} in Flax")
+            raise ValueError(f"kink matching: ReLU call {i + 1} of {parent or 'model'!r} has shape {tuple(z.shape)} here, {tuple(want.shape)} in the other run")
         flip = ((z > 0) != want) & (z.abs() <= KINK_BAND * z.abs().max())
         state["moved"] += int(flip.sum())
         return F.relu(z + torch.where(flip, -2 * z, torch.zeros_like(z)).detach())
 
-    handles = [
-        m.register_forward_hook(functools.partial(hook, owner(name)))
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.ReLU)
-    ]
-    try:
+    with _relu_calls(model, match):
         yield state
-    finally:
-        for h in handles:
-            h.remove()
     if state["calls"] != total:
-        raise ValueError(f"kink matching: the torch forward made {state['calls']} ReLU calls, Flax {total}")
+        raise ValueError(f"kink matching: the torch forward made {state['calls']} ReLU calls, the other run {total}")
 
 
 def _logits32(logits: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,24 @@ def test_an_nnx_model_saves_its_own_config(tmp_path):
     assert flax_resnet.io.load_variables(tmp_path / "nnx.msgpack")[0] == cfg
 
 
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_from_torch_builds_a_whole_config(api):
+    """``from_torch(sd, config=cfg)`` is ``cfg`` holding the weights: every setting, cast and stacked as it says."""
+    cfg = ModelConfig("resnet18", num_classes=3, **{**SETTINGS, "param_dtype": "bfloat16"})
+    convert = frn.from_torch if api == "nnx" else lambda sd, **kw: flax_resnet.from_torch(sd, **kw)[0]
+    model = convert(_state_dict("resnet18", 3), config=cfg)
+    assert flax_resnet.model_config(model) == cfg
+    if api == "linen":
+        _, variables = flax_resnet.from_torch(_state_dict("resnet18", 3), config=cfg)
+        assert variables["params"]["layer1"]["rest"]["conv1"]["kernel"].dtype == jnp.bfloat16
+    with pytest.raises(flax_resnet.ConversionError, match=r"resnet18 \(5 classes, 3 channels\).*the state_dict holds a resnet18 with 3 classes"):
+        convert(_state_dict("resnet18", 3), config=cfg.replace(num_classes=5))
+    with pytest.raises(flax_resnet.ConversionError, match="resnet34 .*missing key"):
+        convert(_state_dict("resnet18", 3), config=cfg.replace(arch="resnet34"))
+    with pytest.raises(ValueError, match="pass config, or arch, bn_eps, not both"):
+        convert(_state_dict("resnet18", 3), config=cfg, arch="resnet18", bn_eps=1e-3)
+
+
 def test_files_without_a_config_still_load(tmp_path):
     """Older files store no config: the weights' settings, defaults for the rest; a contradicting config is refused."""
     cfg = ModelConfig("resnet18", num_classes=3)

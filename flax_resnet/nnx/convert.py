@@ -133,7 +133,10 @@ def from_linen(model_or_arch: ResNet | ModelConfig | str | ArchSpec, variables: 
     return model
 
 
-def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: str | None = None, param_dtype: Any = None, scan_blocks: bool = False, allow_nonfinite: bool = False, **model_kwargs: Any) -> ResNet:
+def from_torch(
+    state_dict: Mapping[str, Any], arch: str | None = None, layout: str | None = None, param_dtype: Any = None, scan_blocks: bool = False,
+    allow_nonfinite: bool = False, config: ModelConfig | None = None, **model_kwargs: Any,
+) -> ResNet:
     """The NNX ResNet of a torch state_dict (every layout ``flax_resnet.from_torch`` reads).
 
     Args:
@@ -145,6 +148,8 @@ def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: s
         scan_blocks: stack each stage's repeated blocks (``nnx.scan``).
         allow_nonfinite: accept NaN/Inf weights (refused by default, as
             ``flax_resnet.from_torch`` does).
+        config: the whole model description instead of ``arch``, ``layout``,
+            ``param_dtype``, ``scan_blocks`` and settings (as ``flax_resnet.from_torch``).
         **model_kwargs: more ``ModelConfig`` fields (``dtype``, ``precision``,
             ``stride_in_1x1``, ``remat``, ...) and ``axis_name``.
 
@@ -157,7 +162,7 @@ def from_torch(state_dict: Mapping[str, Any], arch: str | None = None, layout: s
         ConversionError: every missing key, unexpected key and shape mismatch at once.
     """
     settings, runtime = split_settings(model_kwargs)
-    cfg, variables = state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks, allow_nonfinite, **settings)
+    cfg, variables = state_dict_variables(state_dict, arch, layout, param_dtype, scan_blocks, allow_nonfinite, config, **settings)
     return from_linen(cfg, variables, allow_nonfinite=True, **runtime)  # state_dict_variables applied the finite rule
 
 
