@@ -12,6 +12,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One XLA compilation cache for the run's workers and the CLI processes tests start: many tests
+# compile the same programs (resnet18 at 64x64 in every mode), and a cached one loads in a fraction of
+# the compile time. The programs and their numbers are the same either way.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # No comparison treats NaN as equal: assert_allclose defaults to equal_nan=True, which lets a
 # NaN in Flax's output match a NaN in the reference (or in Flax's own second run).
@@ -52,6 +57,27 @@ SLOW = (
     "tests/test_readme.py::test_readme_block_runs_as_written[training-*]",
     "tests/test_readme.py::test_readme_block_runs_as_written[nnx-*]",
     "tests/test_readme.py::test_readme_block_runs_as_written[fine-tune-*]",
+    # the fast tier keeps one run per kind and rule: fp32 and float64 of resnet18, float64 of the timm rows,
+    # resnetrs50 for SE, resnext50 float64 for groups, transformers' v1 row, NNX float64
+    "tests/test_se_resnets.py::test_seresnext26d_parity_at_odd_size[*]",
+    "tests/test_nnx_torch.py::test_parity_command_api_nnx_float32",
+    "tests/test_nnx_torch.py::test_nnx_matches_torch_float64[resnext50_32x4d-*]",
+    "tests/test_training_multidevice.py::test_sharded_step_over_4_devices_equals_single_device",
+    "tests/test_reference.py::test_flax_matches_library[seresnext26d_32x4d]",
+    "tests/test_reference.py::test_flax_matches_library[resnet10t]",
+    "tests/test_reference.py::test_torch_ref_matches_library[wide_*]",
+    "tests/test_torch_ref.py::test_seed_state_dict_loads_strictly_and_gives_bit_identical_outputs[resnet101-*]",
+    "tests/test_parity_settings.py::test_zero_init_residual_in_both_front_ends_and_torch[nnx]",
+    "tests/test_variants.py::test_variant_parity_at_odd_size[resnet26d-*]",
+    "tests/test_parity.py::test_fp32_step_rule_catches_one_wrong_sgd_update",
+    "tests/test_parity.py::test_fp32_gradient_rule_catches_a_batchnorm_backward_bug",
+    "tests/test_parity.py::test_bfloat16_within_twice_torch_autocast",
+    "tests/test_parity.py::test_one_channel_ten_classes[float32]",
+    "tests/test_parity.py::test_v1_stride_in_1x1[float32]",
+    "tests/test_transformers.py::test_parity_against_transformers_float32[*]",
+    "tests/test_transformers.py::test_parity_against_transformers_float64[resnet-18]",
+    "tests/test_parity_cli.py::test_every_source_by_weights[seed.pth]",
+    "tests/test_parity_cli.py::test_every_source_by_weights[transformers]",
 )
 
 

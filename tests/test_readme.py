@@ -13,6 +13,8 @@ HTML comments right before a fence (invisible on GitHub) adapt a block:
 * ``<!-- readme-test: replace OLD => NEW -->``: CI-sized numbers (epochs,
   architecture, image size); OLD must occur in the block, so the substitution
   cannot silently stop applying.
+* ``<!-- readme-test: slow -->``: the block runs in the slow tier (a whole
+  parity run, a conversion of full-size weights); the fast tier keeps the rest.
 * ``<!-- readme-test: torch-hub-cache FILE (why) -->``: a temporary TORCH_HOME
   whose hub cache holds FILE (random torch_ref weights of FILE's architecture),
   for blocks that would otherwise download torchvision's weights.
@@ -75,6 +77,8 @@ def _prepare(block: dict) -> tuple[str, str | None, list[str]]:
             assert sep, f"{block.get('file', 'README.md')}:{block['line']}: 'replace OLD => NEW' expected, got {d!r}"
             assert old in code, f"{block.get('file', 'README.md')}:{block['line']}: replace target {old!r} is not in the block"
             code = code.replace(old, new)
+        elif d == "slow":
+            pass  # a mark (``_param``)
         elif d.startswith("torch-hub-cache "):
             cache.append(d.split()[1])
         else:
@@ -129,13 +133,12 @@ def _run(kind: str, script: Path, cwd: Path, env: dict) -> subprocess.CompletedP
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="session")
-def jax_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax-cache")
+def _param(block: dict):
+    return pytest.param(block, id=f"{Path(block['file']).stem}-L{block['line']}-{block['lang']}", marks=[pytest.mark.slow] if "slow" in block["directives"] else [])
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=[f"{Path(b['file']).stem}-L{b['line']}-{b['lang']}" for b in RUNNABLE])
-def test_readme_block_runs_as_written(block, tmp_path, jax_cache):
+@pytest.mark.parametrize("block", [_param(b) for b in RUNNABLE])
+def test_readme_block_runs_as_written(block, tmp_path):
     code, skip, cache = _prepare(block)
     if skip is not None:
         pytest.skip(f"{block['file']}:{block['line']}: {skip}")
@@ -151,11 +154,7 @@ def test_readme_block_runs_as_written(block, tmp_path, jax_cache):
     env["TORCH_HOME"] = str(tmp_path / "torch")  # never the user's caches
     env["HF_HUB_CACHE"] = str(tmp_path / "hf")
     env["HF_HUB_OFFLINE"] = "1"
-    # JAX's persistent compilation cache, shared by the blocks: a rerun (and a block compiling what another
-    # block already compiled) loads executables instead of compiling them again; the results are the same.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(jax_cache)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    # JAX_COMPILATION_CACHE_DIR (conftest): blocks load what other blocks and tests compiled.
     _fill_torch_hub(tmp_path / "torch", cache)
     runs = 0
     while True:
