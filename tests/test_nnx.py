@@ -277,6 +277,31 @@ def test_frozen_backbone_keeps_running_stats(r18):
     assert _rel(after["params"]["fc"]["kernel"], before["params"]["fc"]["kernel"]) > 0
 
 
+@pytest.mark.parametrize("freeze", [False, True], ids=["no-bn-bias-decay", "frozen-backbone"])
+def test_masked_optimizers_equal_linen_and_bridge(r18, freeze):
+    """Optimizers that pick parameters by name (the weight-decay mask, the frozen backbone) pick the same ones from an NNX state.
+
+    An NNX state's paths end in the variable's ``value``; a name test on the
+    last key missed every kernel (no weight decay at all), and the frozen
+    backbone's ``MaskedNode`` entries broke ``train --api nnx --freeze-backbone``.
+    """
+    sd, x, y, lmodel, lvars = r18[:5]
+    tx = linen_training.make_optimizer(batch_size=2, weight_decay=0.5, decay_bn_and_bias=False, freeze_backbone=freeze)
+    with jax.enable_x64(True):
+        model = frn.from_torch(sd)
+        opt = nnx_training.create_optimizer(model, tx)
+        state = linen_training.create_train_state(lmodel, lvars, tx, frozen_backbone=freeze)
+        if freeze:
+            model.eval()
+        nnx_training.train_step(model, opt, x, y)
+        state, _ = linen_training.train_step(state, x, y)
+        assert _tree_rel(frn.to_linen(model), state.variables()) <= TOL
+        bridge = nnx_training.TrainStateBridge(lmodel, state)  # what train --api nnx resumes through
+        assert _tree_rel(bridge.to_state(state).opt_state, state.opt_state) == 0.0
+    moved = _rel(state.params["layer1"]["0"]["conv1"]["kernel"], lvars["params"]["layer1"]["0"]["conv1"]["kernel"])
+    assert (moved == 0.0) == freeze
+
+
 # --- hooks: checkpoints, the train command ---------------------------------------
 
 

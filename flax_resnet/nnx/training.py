@@ -142,8 +142,14 @@ def _key_name(k: Any) -> str:
 
 
 def _opt_variables(optimizer: nnx.Optimizer) -> dict[tuple[str, ...], nnx.Variable]:
-    """The optimizer state's variables by path, as Linen's ``opt_state`` spells it (``("1", "0", "trace", "layer1", "0", ...)``)."""
-    return {tuple(str(p) for p in path[1:]): var for path, var in nnx.to_flat_state(nnx.state(optimizer)) if path[0] == "opt_state"}
+    """The optimizer state's variables by path, as Linen's ``opt_state`` spells it (``("1", "0", "trace", "layer1", "0", ...)``).
+
+    Variables that hold no array are left out, as Linen's flattened tree
+    leaves them out: ``optax.masked``'s ``MaskedNode`` for a parameter it
+    does not update (``freeze_backbone``).
+    """
+    flat = nnx.to_flat_state(nnx.state(optimizer))
+    return {tuple(str(p) for p in path[1:]): var for path, var in flat if path[0] == "opt_state" and jax.tree.leaves(var.get_raw_value())}
 
 
 class TrainStateBridge:

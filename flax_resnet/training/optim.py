@@ -65,9 +65,18 @@ def make_schedule(
     return lr
 
 
+def _names(path) -> list[str]:
+    """A parameter's module and leaf names (``["layer1", "0", "conv1", "kernel"]``), from a Linen dict's path or an NNX state's.
+
+    An NNX state's leaves sit inside ``nnx.Param`` variables, whose path ends
+    in ``GetAttrKey("value")``: only the dict keys name the parameter.
+    """
+    return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
 def decay_mask(params: PyTree) -> PyTree:
-    """True for the leaves weight decay applies to when BN params and biases are excluded: kernels."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+    """True for the leaves weight decay applies to when BN params and biases are excluded: kernels (Linen params or an NNX state)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _names(path)[-1:] == ["kernel"], params)
 
 
 def torch_sgd(
@@ -102,7 +111,7 @@ def torch_sgd(
 
 
 def _is_head(path) -> bool:
-    return len(path) > 0 and getattr(path[0], "key", None) == "fc"
+    return _names(path)[:1] == ["fc"]
 
 
 def make_optimizer(
