@@ -17,14 +17,17 @@ import os
 import stat
 import sys
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from flax_resnet import hub
+# hub and io (JAX through flax_resnet.io's loaders) are imported in the command, so that the
+# CLI's argument parsing and --help start without JAX (tests/test_cli_misc.py).
 from flax_resnet import preprocess as pp
-from flax_resnet.cli import add_command
-from flax_resnet.io import npz
+from flax_resnet.cli import UsageError, add_command
+
+if TYPE_CHECKING:
+    from flax_resnet.io import npz
 
 EPILOG = """\
 preprocessing by source (shorter side resized, then a square center crop, then ImageNet mean/std):
@@ -80,8 +83,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _usage(msg: str) -> Exception:
-    from flax_resnet.cli import UsageError
-
     return UsageError(msg)
 
 
@@ -114,6 +115,8 @@ def check_inputs(paths: Sequence[str]) -> list[Source]:
         ``.npz`` without a readable ``images`` array of uint8 or floating
         NHWC images. One line naming the first bad input.
     """
+    from flax_resnet.io import npz
+
     out = []
     for path in map(str, paths):
         try:
@@ -171,6 +174,8 @@ def iter_images(sources: Sequence[Source], channels: int, value_range: tuple[flo
         ValueError: a wrong channel count, a non-finite or out-of-range pixel
             (naming the image and the pixel), an unreadable file.
     """
+    from flax_resnet.io import npz
+
     for src in sources:
         if src.images is None:
             yield src.path, pp.read_image(src.path, channels)
@@ -259,6 +264,8 @@ def _labels_note(info, labels, n: int, args) -> str:
     if labels is None:
         why = "the weights name no classes" if info.labels is None else f"the source's {len(info.labels)} names do not fit {n} classes"
         return f"none ({why}; --labels FILE names them)"
+    from flax_resnet import hub
+
     return f"{n} from {info.source}" + (" (ImageNet-1k)" if labels == hub.imagenet_labels() else "")
 
 
@@ -303,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
             raise _usage(str(e)) from None
     sources = check_inputs(args.images)  # before the weights: a bad input costs nothing
     labels_file = read_labels(args.labels) if args.labels else None
+    from flax_resnet import hub
+
     try:
         info = hub.resolve(args.weights, download=not args.no_download, check_hash=not args.no_check_hash)
     except (OSError, ValueError) as e:  # the library's message, in this command's options

@@ -69,3 +69,10 @@ def test_import_flax_resnet_and_the_cli_do_not_import_torch():
     code = "import sys, flax_resnet, flax_resnet.cli, flax_resnet.hub, flax_resnet.predict; flax_resnet.cli.build_parser(); print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_the_cli_parses_its_arguments_without_jax():
+    """Why the command modules import JAX-side modules inside the command: ``--help`` and argument errors take no JAX start-up."""
+    code = "import sys, flax_resnet.cli; flax_resnet.cli.build_parser(); print(sorted(m for m in ('jax', 'flax', 'torch', 'orbax') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
