@@ -57,8 +57,8 @@ SLOW = (
     "tests/test_readme.py::test_readme_block_runs_as_written[training-*]",
     "tests/test_readme.py::test_readme_block_runs_as_written[nnx-*]",
     "tests/test_readme.py::test_readme_block_runs_as_written[fine-tune-*]",
-    # the fast tier keeps one run per kind and rule: fp32 and float64 of resnet18, float64 of the timm rows,
-    # resnetrs50 for SE, resnext50 float64 for groups, transformers' v1 row, NNX float64
+    # the fast tier keeps one run per kind and rule: resnet18 fp32 (Linen) and float64 (NNX), resnet10t for
+    # the timm stems, resnetrs50 for SE and avg-down, transformers' v1 row; groups by test_model and test_ways_in
     "tests/test_se_resnets.py::test_seresnext26d_parity_at_odd_size[*]",
     "tests/test_nnx_torch.py::test_parity_command_api_nnx_float32",
     "tests/test_nnx_torch.py::test_nnx_matches_torch_float64[resnext50_32x4d-*]",
@@ -78,6 +78,15 @@ SLOW = (
     "tests/test_transformers.py::test_parity_against_transformers_float64[resnet-18]",
     "tests/test_parity_cli.py::test_every_source_by_weights[seed.pth]",
     "tests/test_parity_cli.py::test_every_source_by_weights[transformers]",
+    "tests/test_parity_cli.py::test_every_source_by_weights[timm.pth]",
+    "tests/test_parity.py::test_other_architectures[resnext50_32x4d-float64]",
+    "tests/test_parity.py::test_other_architectures[resnet18-float64]",
+    "tests/test_parity_settings.py::test_zero_init_residual_in_both_front_ends_and_torch[linen]",
+    "tests/test_kernels.py::test_cpu_kernels_match_plain_gradients_in_float64",
+    "tests/test_reference.py::test_flax_matches_library[resnet18]",
+    "tests/test_variants.py::test_variant_parity_at_odd_size[resnet18d-*]",
+    "tests/test_examples.py::test_example_runs_as_written[parity_checkpoint]",
+    "tests/test_backbones.py::test_feature_maps_match_timm[seresnext26d_32x4d]",
 )
 
 
