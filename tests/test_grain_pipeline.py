@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -115,8 +116,6 @@ def test_eval_and_none_use_the_weights_preprocessing(folder):
 
 
 def test_bad_image_mid_stream_error_and_skip(tmp_path, folder):
-    import shutil
-
     root = tmp_path / "f"
     shutil.copytree(folder / "train", root)
     bad = root / "circle" / "3.jpg"
@@ -164,6 +163,26 @@ def test_cli_folder_resume_mid_epoch_is_bit_identical(folder, tmp_path, capsys):
     # Another augmentation is another run: refused in one line, as another data source would be.
     rc, out, err = _train(capsys, folder, tmp_path / "whole", "--augment", "none", "--epochs", "3", "--arch", "resnet10t")
     assert rc == 2 and err.count("\n") == 1 and "--augment standard -> none" in err
+
+
+@pytest.mark.slow
+def test_cli_refuses_to_resume_on_other_data(folder, tmp_path, capsys):
+    """A changed class list or another set of images is another run: refused in one line naming --data, nothing written."""
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    rc, out, err = _train(capsys, data, tmp_path / "run", "--stop-after-steps", "1", "--checkpoint-every", "1", "--arch", "resnet10t")
+    assert rc == 0, err
+    saved = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    for split in ("train", "val"):  # the class list: square -> box
+        (data / split / "square").rename(data / split / "box")
+    rc, out, err = _train(capsys, data, tmp_path / "run", "--arch", "resnet10t")
+    assert rc == 2 and err.count("\n") == 1 and "holds another run (--data " in err and "use --no-resume" in err, err
+    for split in ("train", "val"):  # the classes back, one image fewer
+        (data / split / "box").rename(data / split / "square")
+    (data / "train" / "square" / "0.jpg").unlink()
+    rc, out, err = _train(capsys, data, tmp_path / "run", "--arch", "resnet10t")
+    assert rc == 2 and "holds another run (--data " in err, err
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == saved
 
 
 def test_cli_datasets_dir_from_converted_weights(tmp_path, capsys):
