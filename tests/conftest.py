@@ -87,6 +87,17 @@ SLOW = (
     "tests/test_variants.py::test_variant_parity_at_odd_size[resnet18d-*]",
     "tests/test_examples.py::test_example_runs_as_written[parity_checkpoint]",
     "tests/test_backbones.py::test_feature_maps_match_timm[seresnext26d_32x4d]",
+    "tests/test_nnx.py::test_masked_optimizers_equal_linen_and_bridge[no-bn-bias-decay]",
+    "tests/test_parity.py::test_v1_stride_in_1x1[float64]",
+    "tests/test_parity.py::test_one_channel_ten_classes[float64]",
+    "tests/test_parity.py::test_python_m_parity_with_weights_file",
+    "tests/test_variants.py::test_variant_parity_at_odd_size[resnet10t-float64]",
+    "tests/test_parity_cli.py::test_every_source_by_weights[orbax]",
+    "tests/test_parity_cli.py::test_every_row_kind_by_arch[resnet10t-*]",
+    "tests/test_training.py::test_train_step_fn_under_a_callers_jit_is_train_step",
+    "tests/test_training.py::test_bfloat16_step_keeps_float32_params_and_stats",
+    "tests/test_model.py::test_dtypes",
+    "tests/test_nnx_torch.py::test_nnx_matches_torch_float64[resnet18-*]",
 )
 
 
