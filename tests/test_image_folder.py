@@ -82,6 +82,20 @@ def test_datasets_directory(tmp_path, layout):
     assert repr(s.train.records) == repr(sources.open_splits(str(path)).train.records)  # grain checks it on resume
 
 
+def test_bad_datasets_row_is_named_by_its_row(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    png = tmp_path / "ok.png"
+    Image.new("RGB", (6, 6), (9, 9, 9)).save(png)
+    rows = [{"bytes": png.read_bytes(), "path": None}] * 3 + [{"bytes": b"GIF89a not really", "path": None}]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    split = lambda n: datasets.Dataset.from_dict({"image": rows[:n], "label": [0, 1, 0, 1][:n]}, features=feats)  # noqa: E731
+    datasets.DatasetDict({"train": split(4), "validation": split(2)}).save_to_disk(str(tmp_path / "ds"))
+    records = sources.open_splits(str(tmp_path / "ds")).train.records
+    assert np.asarray(pipeline.decode(records[0][0])).mean() == 9
+    with pytest.raises(pipeline.BadImage, match=rf"^{tmp_path / 'ds'} \[train\] row 3 \('image'\): not a readable image \(UnidentifiedImageError"):
+        pipeline.decode(records[3][0])
+
+
 def test_datasets_directory_without_label_column_is_refused(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))], "target": [0]}).save_to_disk(str(tmp_path / "ds"))

@@ -33,9 +33,11 @@ import os
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+
+from flax_resnet.preprocess import pillow
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -60,12 +62,6 @@ class DataError(ValueError):
     """Data that cannot be trained on; the message is one line naming the file or folder."""
 
 
-def _pil():
-    from flax_resnet.preprocess import pillow
-
-    return pillow()
-
-
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -84,7 +80,7 @@ def check_header(img: Any, name: str) -> str | None:
 
 def _probe(path: str) -> tuple[str | None, str | None]:
     """``(mode, problem)`` from the file's header (no pixel is decoded)."""
-    Image = _pil()
+    Image = pillow()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_header refuses it in one line
@@ -254,11 +250,18 @@ def _datasets():
     return datasets
 
 
-class HFRecords:
-    """``(bytes or path, label)`` records of a Hugging Face ``datasets.Dataset`` (picklable: Arrow files are memory-mapped)."""
+class Encoded(NamedTuple):
+    """An encoded image held in memory (a ``datasets`` row's bytes) and the name its errors give it."""
 
-    def __init__(self, ds, image_col: str, label_col: str):
-        self.ds, self.image_col, self.label_col = ds, image_col, label_col
+    data: bytes
+    name: str
+
+
+class HFRecords:
+    """``(Encoded or path, label)`` records of a Hugging Face ``datasets.Dataset`` (picklable: Arrow files are memory-mapped)."""
+
+    def __init__(self, ds, image_col: str, label_col: str, where: str = "datasets"):
+        self.ds, self.image_col, self.label_col, self.where = ds, image_col, label_col, where
         self.labels = np.asarray(ds[label_col], np.int32)
 
     def __len__(self) -> int:
@@ -268,6 +271,8 @@ class HFRecords:
         row = self.ds[int(i)]
         im = row[self.image_col]
         payload = im.get("bytes") or im.get("path") if isinstance(im, dict) else im
+        if isinstance(payload, bytes):
+            payload = Encoded(payload, f"{self.where} row {int(i)} ({self.image_col!r})")
         return payload, int(row[self.label_col])
 
     def __repr__(self) -> str:
@@ -285,7 +290,7 @@ def _hf_split(ds, where: str, classes: tuple[str, ...] | None) -> Split:
     if isinstance(ds.features[image_col], datasets.Image):
         ds = ds.cast_column(image_col, datasets.Image(decode=False))
     names = tuple(feat.names) if isinstance(feat, datasets.ClassLabel) else None
-    records = HFRecords(ds, image_col, label_col)
+    records = HFRecords(ds, image_col, label_col, where)
     y = records.labels
     if len(y) == 0:
         raise DataError(f"{where}: no rows")
@@ -380,7 +385,7 @@ def open_splits(path: str, *, on_bad: str = "error", val_fraction: float = 0.1, 
         if vname is not None:
             val = _hf_split(parts[vname], f"{path} [{vname}]", train.classes)
     else:
-        _pil()
+        pillow()
         train_dir = os.path.join(path, "train")
         if os.path.isdir(train_dir):
             train = _folder_split(train_dir, on_bad, report)

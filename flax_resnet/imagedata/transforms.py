@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from flax_resnet import preprocess as pp
-from flax_resnet.imagedata.sources import check_header
+from flax_resnet.imagedata.sources import Encoded, check_header
 
 AUGMENTS = {"standard": (0.08, 1.0), "light": (0.35, 1.0), "none": None}
 RATIO = (3 / 4, 4 / 3)
@@ -26,7 +26,7 @@ class BadImage(ValueError):
 
 
 def decode(payload: Any) -> Any:
-    """A record's payload (path, encoded bytes, or HWC array) -> an RGB PIL image (``.convert("RGB")``, torchvision's loader).
+    """A record's payload (path, ``Encoded`` bytes, or HWC array) -> an RGB PIL image (``.convert("RGB")``, torchvision's loader).
 
     Raises:
         BadImage: unreadable or truncated, too many pixels, extreme aspect ratio.
@@ -35,7 +35,10 @@ def decode(payload: Any) -> Any:
     if isinstance(payload, np.ndarray):
         a = payload if payload.dtype == np.uint8 else np.clip(np.rint(payload * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB")
-    name = payload if isinstance(payload, str) else f"<{len(payload)} bytes>"
+    if isinstance(payload, Encoded):
+        payload, name = payload.data, payload.name
+    else:
+        name = payload if isinstance(payload, str) else f"<{len(payload)} bytes>"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_header refuses it in one line
