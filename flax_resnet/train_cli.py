@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs to train")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global batch size")
     p.add_argument("--workdir", default=None, help="output directory: metrics.jsonl, curves.png, checkpoints/ (default: runs/ARCH-DATASET)")
-    p.add_argument("--devices", type=int, default=None, help="data-parallel over K devices, on CPU K virtual ones (default: one device)")
+    p.add_argument("--devices", type=int, default=None, help="data-parallel over K devices, on CPU K virtual ones (default: one device; under --distributed: every process's devices, K per process on CPU)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (params and BN statistics stay float32)")
     p.add_argument("--init", default=None, metavar="FILE", help="start from converted weights (.pth/.safetensors/.msgpack/Orbax); the head is replaced")
     p.add_argument("--freeze-backbone", action="store_true", help="train only fc (BN statistics frozen too); needs --init")
@@ -432,11 +432,13 @@ def run(args: argparse.Namespace) -> int:
     steps_per_epoch = ds.steps_per_epoch
     tx, sched = _optimizer(args, steps_per_epoch)
     mesh = None
-    if args.devices:
+    if args.devices or jax.process_count() > 1:  # several hosts: one mesh over every process's devices
         try:
-            mesh = training.make_mesh(args.devices)
+            mesh = training.make_mesh(args.devices if jax.process_count() == 1 else None)
         except ValueError as e:
             raise _usage(str(e)) from None
+        if args.batch_size % mesh.devices.size:
+            raise _usage(f"--batch-size {args.batch_size} must divide over the {mesh.devices.size} devices of {jax.process_count()} processes")
 
     def new_state():
         return training.create_train_state(

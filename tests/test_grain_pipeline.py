@@ -240,14 +240,81 @@ def test_two_class_digits_folder_reaches_95_percent(tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1])["best_test_accuracy"] >= 0.95
 
 
-@pytest.mark.slow
-def test_cli_folder_on_two_devices(folder, tmp_path):
-    """--devices 2 (virtual CPU devices, so a subprocess): each host batch is split over the local devices."""
+def _two_hosts(argv):
+    """Runs ``argv`` as processes 0 and 1 of a ``jax.distributed`` run on localhost (coordinator from the environment)."""
+    import socket
     import subprocess
 
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(pid), FLAX_RESNET_DISTRIBUTED="1", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for pid, (p, (out, err)) in enumerate(zip(procs, results)):
+        assert p.returncode == 0, f"process {pid}: {err[-3000:]}"
+    return [out for out, _ in results], [err for _, err in results]
+
+
+TWO_HOST_STREAM = """
+import json
+import numpy as np
+from flax_resnet import training
+assert training.initialize_distributed()
+import jax
+from flax_resnet import preprocess as pp
+from flax_resnet.imagedata import pipeline, sources
+
+n = 24
+images = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None], 8, 1).repeat(8, 2).repeat(3, 3)
+records = sources.ArrayRecords(images, np.arange(n))  # label = record index
+recipe = pipeline.Recipe(8, "none", (0.0,) * 3, (1.0,) * 3, pipeline.eval_preprocess(pp.Preprocess(mean=(0.0,) * 3, std=(1.0,) * 3), 8))
+stream = pipeline.TrainStream(records, recipe, 4, seed=0)
+epochs = [[b[1].tolist() for b in stream.batches()] for _ in range(2)]
+x, y = next(pipeline.TrainStream(records, recipe, 4, seed=0).batches())
+mesh = training.make_mesh()
+gx, gy = training.place_local_batch(mesh, x, y)
+from jax.experimental import multihost_utils
+rows = multihost_utils.process_allgather(gy, tiled=True).tolist()
+assert np.rint(np.asarray(multihost_utils.process_allgather(gx, tiled=True))[:, 0, 0, 0] * 255).astype(int).tolist() == rows  # pixels travel with labels
+evals = [int(r[1]) for r in pipeline.eval_shard(records)]
+print("RESULT " + json.dumps({"epochs": epochs, "global": rows, "eval": evals, "devices": [len(jax.devices()), len(jax.local_devices())]}))
+"""
+
+
+@pytest.mark.slow
+def test_two_hosts_read_disjoint_shards_into_one_global_batch(tmp_path):
+    """Under jax.distributed each process reads only its shard (ShardByJaxProcess) and passes its rows of the global batch."""
+    script = tmp_path / "stream.py"
+    script.write_text(TWO_HOST_STREAM)
+    outs, _ = _two_hosts([sys.executable, str(script)])
+    r = [json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][7:]) for out in outs]
+    assert r[0]["devices"] == r[1]["devices"] == [4, 2]
+    for epoch in range(2):
+        seen = [sum(host["epochs"][epoch], []) for host in r]
+        assert [len(s) for s in seen] == [12, 12] and sorted(seen[0] + seen[1]) == list(range(24)), seen  # disjoint, all read
+    assert r[0]["epochs"][0] != r[0]["epochs"][1]  # reshuffled each epoch
+    assert r[0]["global"] == r[1]["global"] == r[0]["epochs"][0][0] + r[1]["epochs"][0][0]  # host 0's rows, then host 1's
+    assert sorted(r[0]["eval"] + r[1]["eval"]) == list(range(24)) and not set(r[0]["eval"]) & set(r[1]["eval"])
+
+
+@pytest.mark.slow
+def test_cli_folder_on_two_hosts(folder, tmp_path):
+    """flax-resnet train --data on two processes (jax.distributed on localhost), each batch split over two CPU devices per host."""
     cmd = [sys.executable, "-m", "flax_resnet", "train", "--data", str(folder), "--arch", "resnet10t", "--size", "16", "--epochs", "1",
-           "--batch-size", "8", "--devices", "2", "--workers", "1", "--progress", "off", "--workdir", str(tmp_path / "w")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr
-    assert "2 cpu device(s), batch 8" in r.stderr and json.loads(r.stdout.strip().splitlines()[-1])["epochs"] == 1
+           "--batch-size", "8", "--eval-batch-size", "8", "--workers", "1", "--progress", "off", "--distributed", "--workdir", str(tmp_path / "w")]
+    outs, errs = _two_hosts(cmd)
+    for pid, err in enumerate(errs):
+        assert f"jax.distributed: process {pid} of 2" in err, err[-3000:]
+    assert "4 cpu device(s), batch 8" in errs[0] and "6 steps/epoch" in errs[0], errs[0]  # 48 images: 24 per host, 4 rows each per step
+    summary = json.loads(outs[0].strip().splitlines()[-1])
+    assert summary["epochs"] == 1 and 0.0 <= summary["best_test_accuracy"] <= 1.0
+    model, variables = flax_resnet.load(str(tmp_path / "w" / "checkpoints"))  # one checkpoint, written by both processes together
+    assert model.num_classes == 2 and all(np.isfinite(a).all() for a in jax.tree.leaves(variables))

@@ -81,6 +81,12 @@ def initialize_distributed(enable: bool | None = None, **kwargs) -> bool:
         enable = os.environ.get("FLAX_RESNET_DISTRIBUTED", "") not in ("", "0", "false", "False")
     if not enable:
         return False
+    for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        value = os.environ.get(var, "")
+        if key not in kwargs and value:  # jax reads JAX_COORDINATOR_ADDRESS itself, these two only on known clusters
+            if not value.isdigit():
+                raise ValueError(f"{var}={value!r}: expected a non-negative integer")
+            kwargs[key] = int(value)
     jax.distributed.initialize(**kwargs)
     return True
 
