@@ -1,13 +1,15 @@
 """The names this package knows: architectures, torchvision's weights, Hugging Face hub ids.
 
 Data and look-ups only (no jax, no torch, no network): ``list_models``,
-``list_pretrained`` and the "did you mean" of unknown names.
+``list_pretrained``, the "did you mean" of unknown names, and ImageNet-1k's
+class names (``imagenet_labels``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from pathlib import Path
 
 from flax_resnet.archs import ARCHS, did_you_mean  # noqa: F401 - did_you_mean is this module's look-up too
 
@@ -110,3 +112,17 @@ def list_pretrained(pattern: str | None = None) -> list[str]:
 
 def known_names() -> list[str]:
     return list_pretrained() + list(ARCHS) + [w.file for w in TORCHVISION_WEIGHTS.values()] + [n.removeprefix("timm/") for n in HUB_IDS if n.startswith("timm/")]
+
+
+def imagenet_labels() -> tuple[str, ...] | None:
+    """ImageNet-1k class names in torchvision's order (``weights.meta["categories"]``), if shipped."""
+    path = Path(__file__).with_name("imagenet_classes.txt")
+    if not path.is_file():
+        return None
+    labels = tuple(line for line in path.read_text(encoding="utf-8").splitlines() if line)
+    return labels if len(labels) == 1000 else None
+
+
+def says_imagenet_1k(num_classes: int | None, tags: tuple[str, ...]) -> bool:
+    """1000 classes and a pretrained tag or hub id ending in ``in1k`` (timm's ``a1_in1k``, ``ig1b_ft_in1k``)."""
+    return num_classes == 1000 and any(t.rstrip("/").lower().endswith("in1k") for t in tags)

@@ -54,11 +54,14 @@ from flax_resnet.catalog import (  # noqa: F401 - the names' table, also read as
     TORCHVISION_WEIGHTS,
     TorchvisionWeights,
     did_you_mean,
+    imagenet_labels,
     known_names,
     list_models,
     list_pretrained,
 )
 from flax_resnet.io.common import one_line
+from flax_resnet.io.formats import read_meta
+from flax_resnet.io.hf_dir import WEIGHT_FILES, read_config
 from flax_resnet.io.resolve import load
 
 _FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz", ".msgpack")
@@ -117,15 +120,6 @@ def _tilde(p: Path) -> str:
     home = os.path.expanduser("~")
     s = str(p)
     return "~" + s[len(home) :] if home not in ("", "/") and s.startswith(home + os.sep) else s
-
-
-def imagenet_labels() -> tuple[str, ...] | None:
-    """ImageNet-1k class names in torchvision's order (``weights.meta["categories"]``), if shipped."""
-    path = Path(__file__).with_name("imagenet_classes.txt")
-    if not path.is_file():
-        return None
-    labels = tuple(line for line in path.read_text(encoding="utf-8").splitlines() if line)
-    return labels if len(labels) == 1000 else None
 
 
 def hash_prefix(file_name: str) -> str | None:
@@ -299,28 +293,16 @@ def hf_snapshot(repo: str, download: bool = True, revision: str | None = None) -
     return config.parent
 
 
-def _says_imagenet_1k(cfg, name: str) -> bool:
-    """A timm config of 1000 classes whose pretrained tag or hub id ends in ``in1k`` (``a1_in1k``, ``ig1b_ft_in1k``)."""
-    if cfg.num_classes != 1000:
-        return False
-    return any(t.rstrip("/").lower().endswith("in1k") for t in (*cfg.tags, name))
-
-
 def _from_hf_dir(name: str, d: Path) -> Pretrained:
     """A Hugging Face model directory: timm's (``pretrained_cfg``) or transformers' (``model_type``).
 
     ``config.json`` and ``preprocessor_config.json`` are read by ``io.hf_dir.read_config``,
     the one reader of model directories (``flax_resnet.load`` uses it too).
     """
-    from flax_resnet.io.hf_dir import WEIGHT_FILES, read_config
-
     cfg = read_config(d, preprocessing=True, name=name)
     if not any((d / f).is_file() for f in WEIGHT_FILES):
         raise FileNotFoundError(f"{d}: no {' or '.join(WEIGHT_FILES)} next to config.json")
-    labels = cfg.labels
-    if cfg.source == "timm" and not labels and _says_imagenet_1k(cfg, str(name)):  # timm's in1k configs carry no names: ImageNet's order
-        labels = imagenet_labels()
-    return Pretrained(name, cfg.source, d, d, labels, cfg.preprocess)
+    return Pretrained(name, cfg.source, d, d, cfg.labels, cfg.preprocess)
 
 
 def resolve(name: str | os.PathLike, download: bool = True, revision: str | None = None, check_hash: bool = True) -> Pretrained:
@@ -352,7 +334,8 @@ def resolve(name: str | os.PathLike, download: bool = True, revision: str | None
         w = TORCHVISION_WEIGHTS.get(p.name.lower())
         if w is not None:
             return Pretrained(raw, "torchvision", p, None, imagenet_labels(), pp.torchvision_preset(w.resize, w.enum))
-        return Pretrained(raw, "file", p)
+        labels = read_meta(p).get("labels")  # a converted model directory's class names travel in the file
+        return Pretrained(raw, "file", p, labels=tuple(labels) if labels else None)
     w = TORCHVISION_WEIGHTS.get(key.lower())
     if w is not None:
         return _torchvision(raw, w, download, check_hash)

@@ -266,7 +266,8 @@ def _labels_note(info, labels, n: int, args) -> str:
         return f"none ({why}; --labels FILE names them)"
     from flax_resnet import hub
 
-    return f"{n} from {info.source}" + (" (ImageNet-1k)" if labels == hub.imagenet_labels() else "")
+    where = "the file's metadata" if info.source == "file" else info.source
+    return f"{n} from {where}" + (" (ImageNet-1k)" if labels == hub.imagenet_labels() else "")
 
 
 def _preprocess(args, info, channels: int) -> pp.Preprocess:

@@ -116,6 +116,19 @@ def test_labels_are_only_imagenets_where_the_config_says_so(caches):
     assert info.labels is None and info.preprocess.source.endswith("(default)")
 
 
+@pytest.mark.slow  # three conversions and a predict
+def test_a_converted_in1k_directory_keeps_imagenets_labels_in_the_file(caches, capsys, tmp_path):
+    snap = _hf_repo(caches, "timm/resnet18.a1_in1k", {"config.json": TIMM_CFG, "model.safetensors": _write_safetensors})
+    for fmt in ("safetensors", "msgpack", "npz"):
+        out_file = tmp_path / f"r18.{fmt}"
+        rc, out, err = _run(capsys, "convert", snap, out_file)
+        assert rc == 0, err
+        assert hub.resolve(out_file).labels == hub.imagenet_labels(), fmt
+    rc, out, err = _run(capsys, "predict", _images(tmp_path / "x.npz", size=240), "--weights", tmp_path / "r18.safetensors", "--top-k", 1)
+    assert rc == 0 and out.splitlines()[2] == "labels      1000 from the file's metadata (ImageNet-1k)", out
+    assert out.splitlines()[4].split("  ")[-1] in hub.imagenet_labels()
+
+
 def _no_network_env(tmp_path):
     """No network, deterministically: the hub's address refuses connections (HF_ENDPOINT is read at import)."""
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from flax_resnet.archs import ARCHS
 from flax_resnet.convert import ConversionError, infer_config, infer_flax_config, leaves, normalize_state_dict
 from flax_resnet.io import hf_dir, npz, orbax_io, torch_pickle
 from flax_resnet.io.atomic import write_bytes
@@ -116,8 +117,6 @@ def check_meta(meta: Any, where: str) -> dict:
         if key in meta and not isinstance(meta[key], str):
             raise CheckpointError(f"{where}: metadata {key} must be a string, found {one_line(repr(meta[key]), 60)}")
     if meta.get("source") == "timm" and "arch" in meta:
-        from flax_resnet.archs import ARCHS
-
         if meta["arch"] not in ARCHS:
             raise CheckpointError(f"{where}: metadata arch {one_line(repr(meta['arch']), 60)} is not an architecture this library builds")
     if "stride_in_1x1" in meta and not isinstance(meta["stride_in_1x1"], bool):
@@ -224,19 +223,27 @@ def _read_npz(p: Path) -> Checkpoint:
     return from_flat(tensors, "npz", p, meta)
 
 
-def _read_safetensors(p: Path) -> Checkpoint:
+def _safetensors_meta(p: Path) -> dict:
+    """flax-resnet's entry of a safetensors header (the tensors are not read)."""
     import safetensors
-    from safetensors.numpy import load_file
 
     try:
         with safetensors.safe_open(str(p), framework="numpy") as f:
             header = f.metadata() or {}
+    except Exception as e:  # SafetensorError, OSError
+        raise CheckpointError(f"{p}: corrupt or truncated safetensors file ({one_line(e, 160)})") from None
+    raw = header.get(SAFETENSORS_META_KEY)
+    return {} if raw is None else check_meta(parse_json(raw, f"{p}: '{SAFETENSORS_META_KEY}' metadata"), str(p))
+
+
+def _read_safetensors(p: Path) -> Checkpoint:
+    from safetensors.numpy import load_file
+
+    meta = _safetensors_meta(p)
+    try:
         tensors = load_file(str(p))
     except Exception as e:  # SafetensorError, OSError, unsupported dtypes (float8), ...
         raise CheckpointError(f"{p}: corrupt or truncated safetensors file ({one_line(e, 160)})") from None
-    meta = {}
-    if SAFETENSORS_META_KEY in header:
-        meta = check_meta(parse_json(header[SAFETENSORS_META_KEY], f"{p}: '{SAFETENSORS_META_KEY}' metadata"), str(p))
     return from_flat(dict(tensors), "safetensors", p, meta)
 
 
@@ -295,6 +302,26 @@ def read(path: str | os.PathLike) -> Checkpoint:
     ck = READERS[fmt](Path(path))
     check_interrupt()
     return ck
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The metadata ``save`` and ``convert`` stored with a file (``{}`` for torch files), checked.
+
+    Reads only the header of a ``.safetensors`` file and Orbax's metadata
+    of a checkpoint directory; ``.npz`` and ``.msgpack`` files are read whole.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, CheckpointError.
+    """
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt == "pth":
+        return {}
+    if fmt == "orbax":
+        return check_meta(orbax_io.custom_metadata(orbax_item_dir(p), p), str(p))
+    if fmt == "safetensors":
+        return _safetensors_meta(p)
+    return READERS[fmt](p).meta
 
 
 # ---------------------------------------------------------------------------

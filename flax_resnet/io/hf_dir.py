@@ -26,6 +26,7 @@ from typing import Any
 
 from flax_resnet import preprocess as pp
 from flax_resnet.archs import ARCHS, get_arch
+from flax_resnet.catalog import imagenet_labels, says_imagenet_1k
 from flax_resnet.convert import ConversionError, infer_config
 from flax_resnet.io.common import CheckpointError, one_line, read_json
 
@@ -49,7 +50,8 @@ class DirConfig:
         path: the ``config.json``.
         source: ``"timm"`` or ``"transformers"``.
         arch: timm's ``architecture`` as a row of ``ARCHS`` (``None`` for transformers).
-        labels: class names by index (``id2label`` / ``label_names``), where complete.
+        labels: class names by index (``id2label`` / ``label_names``; ImageNet's
+            for a 1000-class timm config tagged ``in1k``), where complete.
         num_classes: timm's ``num_classes``, if given.
         expected: transformers' architecture fields (``layer_type``,
             ``depths``, ``hidden_sizes``, ``embedding_size``, ``num_channels``) present in the file.
@@ -170,6 +172,8 @@ def read_config(p: Path, preprocessing: bool = False, name: str | None = None) -
         labels = _label_names(cfg.get("label_names"), where)
         if labels is not None and num_classes is not None and len(labels) != num_classes:
             labels = None
+        if labels is None and says_imagenet_1k(num_classes, tags + ((name,) if name else ())):  # timm's in1k configs carry no names
+            labels = imagenet_labels()
         prep = None
         if preprocessing:
             prep = _preset(pp.timm_preset, cfg.get("pretrained_cfg", {}), f"{where} pretrained_cfg", f"timm pretrained_cfg of {label}")
