@@ -21,14 +21,11 @@ from typing import Any
 from flax_resnet.archs import ARCHS
 from flax_resnet.cli import UsageError, add_command
 from flax_resnet.config import ModelConfig
+from flax_resnet.train_loop import RECIPE_KEYS, announce_recipe, check_run, newest_meta
 
 DEFAULTS = dict(epochs=12, batch_size=64, warmup_epochs=1.0, max_shift=2, seed=0)
 DTYPES = ("float32", "bfloat16", "float16")
 TRAIN_EXTRA = ("sklearn", "matplotlib", "tqdm")  # digits and data splits, the plot, the progress bar
-# Settings that make a checkpoint another run: resuming under other values is refused.
-RUN_KEYS = ("arch", "dataset", "num_classes", "batch_size", "seed", "dtype", "normalize", "channels_first", "size", "data", "augment")
-# Settings of the recipe: resuming under other values continues the run with them.
-RECIPE_KEYS = ("epochs", "lr", "schedule", "warmup_epochs", "momentum", "weight_decay", "label_smoothing", "max_shift")
 
 
 def register(subparsers) -> None:
@@ -237,45 +234,6 @@ def _optimizer(args, steps_per_epoch: int):
     return tx, sched
 
 
-def _newest_meta(ckpt) -> tuple[int, dict] | None:
-    """``(epoch, meta)`` of the newest checkpoint whose meta reads; None if none does."""
-    for e in sorted(ckpt.all_epochs(), reverse=True):
-        try:
-            return e, ckpt.read_meta(e)
-        except Exception:  # noqa: BLE001 - a damaged checkpoint; restore() reports it
-            continue
-    return None
-
-
-def _check_run(workdir: str, saved: dict, config: dict) -> None:
-    """Refuses to resume another run (other architecture, data, batch, init weights, ...), naming what differs."""
-    other = [f"{_opt(k)} {saved[k]} -> {config[k]}" for k in RUN_KEYS if saved.get(k) is not None and saved[k] != config[k]]
-    if "init" in saved and saved["init"] != config["init"]:  # runs saved before the init identity existed pass
-        was = f"{saved.get('init_file')} ({saved['init']})" if saved["init"] else "random weights"
-        now = f"{config['init_file']} ({config['init']})" if config["init"] else "random weights"
-        other.append(f"--init {was} -> {now}")
-    if other:
-        raise _usage(
-            f"{workdir} holds another run ({', '.join(other)}): resuming it would not continue that run; "
-            "use --no-resume to start over there, or another --workdir"
-        )
-
-
-def _announce_recipe(workdir: str, saved: dict, config: dict, sched, steps_per_epoch: int, done: int) -> None:
-    """Says in one line what a changed recipe (e.g. more --epochs) does from here on."""
-    changed = [f"{_opt(k)} {saved[k]} -> {config[k]}" for k in RECIPE_KEYS if k in saved and saved[k] != config[k]]
-    if changed and done < config["epochs"]:
-        _say(
-            f"resuming {workdir} after epoch {done} with {', '.join(changed)}: the run continues under the new settings; "
-            f"the {config['schedule']} learning-rate schedule is rebuilt for {config['epochs']} epochs, "
-            f"so epoch {done + 1} starts at lr {float(sched(done * steps_per_epoch)):.3g}"
-        )
-
-
-def _opt(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh):
     """``(state, finished_epochs, meta)``: restored from the newest checkpoint that restores, or fresh."""
     import jax
@@ -288,9 +246,9 @@ def _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh):
         for e in ckpt.all_epochs():
             ckpt.delete(e)
         return fresh(), 0, {}
-    newest = _newest_meta(ckpt)
+    newest = newest_meta(ckpt)
     if newest is not None:
-        _check_run(args.workdir, newest[1].get("config", {}), config)
+        check_run(args.workdir, newest[1].get("config", {}), config)
     from jax.sharding import NamedSharding, PartitionSpec
 
     try:
@@ -302,7 +260,7 @@ def _resume(args, ckpt, new_state, config, sched, steps_per_epoch, mesh):
     for e, why in ckpt.skipped:
         _say(f"checkpoint {e} in {ckpt.directory} does not restore ({why}): resuming after epoch {done}; it will be rewritten")
         ckpt.delete(e)
-    _announce_recipe(args.workdir, meta.get("config", {}), config, sched, steps_per_epoch, done)
+    announce_recipe(args.workdir, meta.get("config", {}), config, sched, steps_per_epoch, done)
     return state, done, meta
 
 

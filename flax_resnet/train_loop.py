@@ -1,4 +1,5 @@
-"""Pieces of ``flax-resnet train``'s epoch loop: the Linen step over any batches, mid-epoch checkpoints, the stop hook.
+"""Pieces of ``flax-resnet train``'s epoch loop: the Linen step over any batches, mid-epoch checkpoints, the stop hook,
+and the run identity (which settings make a checkpoint another run).
 
 ``run`` is ``train_cli._Run``: args, state, data (``imagedata.stream``),
 checkpointer, config, steps per epoch.
@@ -7,6 +8,13 @@ checkpointer, config, steps per epoch.
 from __future__ import annotations
 
 import sys
+
+from flax_resnet.cli import UsageError
+
+# Settings that make a checkpoint another run: resuming under other values is refused.
+RUN_KEYS = ("arch", "dataset", "num_classes", "batch_size", "seed", "dtype", "normalize", "channels_first", "size", "data", "augment")
+# Settings of the recipe: resuming under other values continues the run with them.
+RECIPE_KEYS = ("epochs", "lr", "schedule", "warmup_epochs", "momentum", "weight_decay", "label_smoothing", "max_shift")
 
 
 class Stopped(Exception):
@@ -85,3 +93,44 @@ def close_data(ds, main: bool) -> None:
     skipped = getattr(getattr(ds, "stream", None), "skipped", None)
     if main and skipped:
         print(f"--on-bad-image skip: {len(set(skipped))} images failed to decode and were left out each time met (named above)", file=sys.stderr, flush=True)
+
+
+def newest_meta(ckpt) -> tuple[int, dict] | None:
+    """``(epoch, meta)`` of the newest checkpoint whose meta reads; None if none does."""
+    for e in sorted(ckpt.all_epochs(), reverse=True):
+        try:
+            return e, ckpt.read_meta(e)
+        except Exception:  # noqa: BLE001 - a damaged checkpoint; restore() reports it
+            continue
+    return None
+
+
+def check_run(workdir: str, saved: dict, config: dict) -> None:
+    """Refuses to resume another run (other architecture, data, batch, init weights, ...), naming what differs."""
+    other = [f"{_opt(k)} {saved[k]} -> {config[k]}" for k in RUN_KEYS if saved.get(k) is not None and saved[k] != config[k]]
+    if "init" in saved and saved["init"] != config["init"]:  # runs saved before the init identity existed pass
+        was = f"{saved.get('init_file')} ({saved['init']})" if saved["init"] else "random weights"
+        now = f"{config['init_file']} ({config['init']})" if config["init"] else "random weights"
+        other.append(f"--init {was} -> {now}")
+    if other:
+        raise UsageError(
+            f"{workdir} holds another run ({', '.join(other)}): resuming it would not continue that run; "
+            "use --no-resume to start over there, or another --workdir"
+        )
+
+
+def announce_recipe(workdir: str, saved: dict, config: dict, sched, steps_per_epoch: int, done: int) -> None:
+    """Says in one line what a changed recipe (e.g. more --epochs) does from here on."""
+    changed = [f"{_opt(k)} {saved[k]} -> {config[k]}" for k in RECIPE_KEYS if k in saved and saved[k] != config[k]]
+    if changed and done < config["epochs"]:
+        print(
+            f"resuming {workdir} after epoch {done} with {', '.join(changed)}: the run continues under the new settings; "
+            f"the {config['schedule']} learning-rate schedule is rebuilt for {config['epochs']} epochs, "
+            f"so epoch {done + 1} starts at lr {float(sched(done * steps_per_epoch)):.3g}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _opt(key: str) -> str:
+    return "--" + key.replace("_", "-")

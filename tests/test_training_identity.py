@@ -13,7 +13,8 @@ import pytest
 
 from flax_resnet import training
 from flax_resnet.cli import main as cli_main
-from flax_resnet.train_cli import _check_run, _dropped_note
+from flax_resnet.train_cli import _dropped_note
+from flax_resnet.train_loop import check_run
 from test_training_cli import _save_torch, _write_npz
 
 
@@ -61,12 +62,12 @@ def test_init_identity_is_the_content_and_a_change_is_refused(tmp_path):
     base = {"arch": "resnet18", "dataset": "tiny", "num_classes": 3, "batch_size": 12, "seed": 0, "dtype": "float32",
             "normalize": "dataset", "channels_first": False, "size": None}
     saved = {**base, "init": ident, "init_file": "w.pth"}
-    _check_run("runs/ft", saved, {**saved})  # the same weights: resumes
-    _check_run("runs/ft", base, {**base, "init": ident, "init_file": "w.pth"})  # a run saved before the identity existed
+    check_run("runs/ft", saved, {**saved})  # the same weights: resumes
+    check_run("runs/ft", base, {**base, "init": ident, "init_file": "w.pth"})  # a run saved before the identity existed
     with pytest.raises(Exception, match=r"^runs/ft holds another run \(--init w.pth \(sha256:\w+\) -> w.pth \(sha256:\w+\)\): resuming it"):
-        _check_run("runs/ft", saved, {**saved, "init": training.weights_identity(f)})
+        check_run("runs/ft", saved, {**saved, "init": training.weights_identity(f)})
     with pytest.raises(Exception, match=r"\(--init w.pth \(sha256:\w+\) -> random weights\)"):
-        _check_run("runs/ft", saved, {**saved, "init": None, "init_file": None})
+        check_run("runs/ft", saved, {**saved, "init": None, "init_file": None})
 
 
 @pytest.mark.slow
