@@ -443,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
     except train_loop.Stopped:
         return train_loop.stopped(args, ckpt, ds)
     if not records and start_epoch:  # metrics.jsonl gone (or never written): the newest checkpoint's meta has the accuracy
-        epoch, meta = _newest_meta(ckpt) or (start_epoch, {})
+        epoch, meta = newest_meta(ckpt) or (start_epoch, {})
         records = [{"epoch": epoch, "test_accuracy": meta.get("test_accuracy")}]
     ckpt.close()
     train_loop.close_data(ds, main)
