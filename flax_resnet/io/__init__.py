@@ -9,8 +9,10 @@ per job:
 * ``common``: ``CheckpointError``, dtypes, trees, Ctrl-C (the finite rule is ``convert.check_finite``).
 * ``sniff``: which format a file is, which format an output path asks for.
 * ``torch_pickle``: safe PyTorch pickles (what is allowed and why).
+* ``npz``: the one ``.npz`` header reader (sizes bounded before any read).
 * ``orbax_io``: Orbax directories, read as host arrays.
-* ``formats``: ``read`` and the per-format writers.
+* ``hf_dir``: Hugging Face model directories (``config.json``, the one reader).
+* ``formats``: ``read``, ``read_meta`` and the per-format writers.
 * ``atomic``: temporary file, fsync, rename; stale temporaries cleaned.
 * ``resolve``: validation, ``load``, ``save``, ``read_state_dict``.
 * ``report``: ``convert`` and ``inspect``.
