@@ -212,13 +212,18 @@ def _check_npz_sizes(p: Path) -> None:
         )
 
 
-def _read_npz(p: Path) -> Checkpoint:
+def _npz_members(p: Path, only_meta: bool = False) -> dict[str, np.ndarray]:
+    """The members of a checked ``.npz`` (just its metadata member with ``only_meta``)."""
     _check_npz_sizes(p)
     try:
         with np.load(p, allow_pickle=False) as z:
-            tensors = {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files if not only_meta or k == META_KEY}
     except Exception as e:  # BadZipFile (CRC), ValueError (object arrays), ...
         raise CheckpointError(f"{p}: corrupt, truncated or unsafe .npz file ({one_line(e, 160)})") from None
+
+
+def _read_npz(p: Path) -> Checkpoint:
+    tensors = _npz_members(p)
     meta = _split_meta(tensors, p)
     return from_flat(tensors, "npz", p, meta)
 
@@ -307,8 +312,9 @@ def read(path: str | os.PathLike) -> Checkpoint:
 def read_meta(path: str | os.PathLike) -> dict:
     """The metadata ``save`` and ``convert`` stored with a file (``{}`` for torch files), checked.
 
-    Reads only the header of a ``.safetensors`` file and Orbax's metadata
-    of a checkpoint directory; ``.npz`` and ``.msgpack`` files are read whole.
+    Reads only the header of a ``.safetensors`` file, the metadata member
+    of an ``.npz`` and Orbax's metadata of a checkpoint directory; a
+    ``.msgpack`` file is read whole.
 
     Raises:
         FileNotFoundError, IsADirectoryError, CheckpointError.
@@ -321,6 +327,8 @@ def read_meta(path: str | os.PathLike) -> dict:
         return check_meta(orbax_io.custom_metadata(orbax_item_dir(p), p), str(p))
     if fmt == "safetensors":
         return _safetensors_meta(p)
+    if fmt == "npz":
+        return _split_meta(_npz_members(p, only_meta=True), p)
     return READERS[fmt](p).meta
 
 
