@@ -33,14 +33,17 @@ either side depending on the summation order, changing that position's
 gradient by O(1); train-mode BatchNorm then spreads the change over the
 whole channel and every layer below it. So
 
-* the float64 reference for Flax's gradients is taken on Flax's side of
-  every ReLU kink (``_kinks_like``; Linen and NNX): ReLU inputs whose sign
-  differs within ``KINK_BAND`` of zero are mirrored in the float64 run, and
-  the report counts them (``Report.kinks``); likewise each torch run that
-  measures the fp32 noise is taken on the float64 reference's side, so the
-  tolerance holds the same smooth rounding error Flax is judged by and no
-  kink flip of its own (one flip in a torch run made a 1% BN-bias gradient
-  error pass at seed 7, batch 4);
+* the float64 reference for Flax's gradients, and for its SGD steps (each
+  step's forward), is taken on Flax's side of every ReLU kink
+  (``_kinks_like``; Linen and NNX): ReLU inputs whose sign differs within
+  ``KINK_BAND`` of zero are mirrored in the float64 run, and the report
+  counts them (``Report.kinks``); likewise each torch run that measures the
+  fp32 noise is taken on the float64 reference's side, so the tolerance
+  holds the same smooth rounding error Flax is judged by and no kink flip
+  of its own (one flip in a torch run made a 1% BN-bias gradient error pass
+  at seed 7, batch 4; in the steps, before they were matched, one noise
+  realization flipped a kink at batch 1 and the next did not, so the
+  tolerance moved by 1e4x between runs of the same point);
 * each tensor is judged by its own statistic: the 99th percentile of
   ``|flax - ref|`` (isolated flips are rounding, not structure), or the
   largest error for tensors under ``PERCENTILE_MIN_SIZE`` entries, over the
@@ -208,13 +211,15 @@ def _flax_side(model, variables, x: np.ndarray, labels: np.ndarray, layout: str,
     is_stat = lambda k: k.endswith(("running_mean", "running_var"))  # noqa: E731
     if "eval" in modes:
         out["eval"] = {k: np.asarray(v) for k, v in _jitted(model, "eval")(variables, x).items()}
+    def masks(signs, v) -> dict[str, list[np.ndarray]] | None:
+        if not signs and hasattr(model, "linen_twin"):  # NNX: the ReLU inputs' signs of the Linen twin (the same numerics)
+            signs = _jitted(model.linen_twin, "signs")(v, x)
+        return _relu_masks(signs) if signs else None
+
     if "grad" in modes:
         loss, g, feats, stats, signs = _jitted(model, "grad")(variables, x, y)
         new = {"batch_stats": stats}
-        if not signs and hasattr(model, "linen_twin"):  # NNX: the ReLU inputs' signs of the Linen twin (the same numerics)
-            signs = _jitted(model.linen_twin, "signs")(variables, x)
-        if signs:
-            out["relu_masks"] = _relu_masks(signs)
+        out["relu_masks"] = masks(signs, variables)
     elif "train" in modes:
         feats, new = _jitted(model, "train")(variables, x)
     if "train" in modes:
@@ -229,9 +234,13 @@ def _flax_side(model, variables, x: np.ndarray, labels: np.ndarray, layout: str,
         grad, (update, tx) = _jitted(model, "grad"), _jitted(model, "update")
         params, stats = variables["params"], variables["batch_stats"]
         opt_state = tx.init(params)
+        step_masks = []
         for _ in range(steps):
-            _, g, _, stats, _ = grad({"params": params, "batch_stats": stats}, x, y)
+            v = {"params": params, "batch_stats": stats}
+            _, g, _, stats, signs = grad(v, x, y)
+            step_masks.append(masks(signs, v))
             params, opt_state = update(params, g, opt_state)
+        out["step_masks"] = step_masks if all(m is not None for m in step_masks) else None
         new = {"params": params, "batch_stats": stats}
         res = as_torch(new, "param", lambda k: not is_stat(k) and "num_batches" not in k)
         res.update(as_torch(new, "stat", is_stat))
@@ -311,11 +320,12 @@ def run_parity(
             model, variables = _flax_from_torch(api, sd, cfg.replace(param_dtype="float64"))
             out = _flax_side(model, variables, x64, labels, cfg.layout, run_modes, steps)
         out.pop("relu_masks", None)
+        out.pop("step_masks", None)
         return out
 
     with pinned_precision(precision):
         ref = ref64 = _torch_side(copy.deepcopy(torch_model).double(), x64, labels, modes, steps, record_signs=dtype != "float64")
-        ref_signs = ref.pop("relu_signs", None)
+        ref_signs, ref_step_signs = ref.pop("relu_signs", None), ref.pop("step_signs", None)
         if dtype == "float64":
             flax = flax64(modes)
             own = None
@@ -330,15 +340,19 @@ def run_parity(
                 runs += [(batch_stats_modes, dict(noise_seed=s)) for s in range(SENSITIVITY_RUNS)]
             for run_modes, run in runs:  # reduced to errors at once: the 100M-parameter models' tensors add up
                 x_run = x64 if "noise_seed" in run else x32
-                # Each noise run's gradient on the reference's side of every kink, as Flax's is compared on its own.
-                res = _torch_side(copy.deepcopy(torch_model).float(), x_run, labels, run_modes, steps, relu_masks=ref_signs, **run)
+                # Each noise run's gradient and steps on the reference's side of every kink, as Flax's are compared on their own.
+                res = _torch_side(copy.deepcopy(torch_model).float(), x_run, labels, run_modes, steps, relu_masks=ref_signs, step_masks=ref_step_signs, **run)
                 for mode in run_modes:
                     own[mode].append(_errors(mode, dtype, ref[mode], res.pop(mode), init))
             model, variables = _flax_from_torch(api, sd, cfg.replace(dtype="bfloat16") if dtype == "bfloat16" else cfg)
             flax = _flax_side(model, variables, x64.astype(np.float32), labels, cfg.layout, modes, steps)
-            if "relu_masks" in flax:  # the gradient reference on Flax's side of every kink (``_kinks_like``)
-                matched = _torch_side(copy.deepcopy(torch_model).double(), x64, labels, ("grad",), steps, relu_masks=flax.pop("relu_masks"))
-                ref = {**ref, "grad": matched["grad"]}
+            relu_masks, step_masks = flax.pop("relu_masks", None), flax.pop("step_masks", None)
+            matched_modes = tuple(m for m, masks in (("grad", relu_masks), ("steps", step_masks)) if masks is not None)
+            if matched_modes:  # the float64 gradient and steps references on Flax's side of every kink (``_kinks_like``)
+                matched = _torch_side(
+                    copy.deepcopy(torch_model).double(), x64, labels, matched_modes, steps, relu_masks=relu_masks, step_masks=step_masks
+                )
+                ref = {**ref, **{m: matched[m] for m in matched_modes}}
                 kinks = matched["kinks"]
             floor = BF16_FLOOR if dtype == "bfloat16" else FP32_FLOOR
             rule = lambda mode, torch_rel: max(NOISE_FACTOR * torch_rel, floor)  # noqa: E731

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import jax
 
-from parity.constants import FP32_ULP, KINK_BAND, SGD
+from parity.constants import FP32_ULP, KINK_BAND, MODES, SGD
 
 
 # ---------------------------------------------------------------------------
@@ -166,20 +166,29 @@ def _torch_side(
     relu_masks: Mapping[str, Sequence[np.ndarray]] | None = None,
     noise_seed: int | None = None,
     record_signs: bool = False,
+    step_masks: Sequence[Mapping[str, Sequence[np.ndarray]]] | None = None,
 ) -> dict[str, Any]:
     """Runs ``model`` in ``modes``.
 
     ``noise_seed`` makes it a float64 sensitivity run (``_rounding_noise``,
-    inputs included); ``relu_masks`` puts its gradient on another run's side
-    of every ReLU kink (``_kinks_like``; ``out["kinks"]``: how many inputs
-    moved); ``record_signs`` returns the gradient forward's ReLU signs
-    (``out["relu_signs"]``, the masks for other runs).
+    inputs included; each mode draws its own noise, so what one mode
+    measures does not depend on which modes ran before it).
+    ``relu_masks`` puts the ``grad`` forward on another run's side of every
+    ReLU kink and ``step_masks`` each SGD step's forward of ``steps``
+    (``_kinks_like``; ``out["kinks"]``: how many inputs moved in all);
+    ``record_signs`` returns those forwards' ReLU signs (``out["relu_signs"]``
+    and ``out["step_signs"]``, one per step: the masks for other runs).
     """
     if noise_seed is not None:
         model = copy.deepcopy(model).double()
         x = x * (1 + FP32_ULP * (2 * np.random.default_rng(noise_seed).random(x.shape) - 1))
-        with _rounding_noise(model, FP32_ULP, noise_seed):
-            return _torch_side(model, x, labels, modes, steps, relu_masks=relu_masks)
+        out: dict[str, Any] = {"kinks": 0}
+        for mode in modes:
+            with _rounding_noise(model, FP32_ULP, noise_seed * len(MODES) + MODES.index(mode)):
+                res = _torch_side(model, x, labels, (mode,), steps, relu_masks=relu_masks, step_masks=step_masks)
+            out["kinks"] += res.pop("kinks", 0)
+            out.update(res)
+        return out
     dev = torch_device()
     dtype = next(model.parameters()).dtype
     xt = torch.from_numpy(x).to(dev, dtype)
@@ -188,7 +197,21 @@ def _torch_side(
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         xt = xt.contiguous(memory_format=torch.channels_last)
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
-    out: dict[str, dict[str, np.ndarray]] = {}
+    out: dict[str, Any] = {}
+    kinks = 0
+
+    def forward(m: torch.nn.Module, masks, signs: list | None) -> torch.Tensor:
+        """The training loss, its ReLUs on ``masks``' side of each kink, or recording their signs into ``signs``."""
+        nonlocal kinks
+        hooks = _kinks_like(m, masks) if masks is not None else _relu_signs(m) if signs is not None else contextlib.nullcontext()
+        with hooks as seen:
+            loss = F.cross_entropy(_logits32(m(xt)), yt)
+        if masks is not None:
+            kinks += seen["moved"]
+        elif signs is not None:
+            signs.append(seen)
+        return loss
+
     with ctx, _torch_variant(variant):
         if "eval" in modes:
             m = copy.deepcopy(model).to(dev).eval()
@@ -202,30 +225,29 @@ def _torch_side(
             out["train"] = res
         if "grad" in modes:
             m = copy.deepcopy(model).to(dev).train()
-            if relu_masks is not None:
-                hooks = _kinks_like(m, relu_masks)
-            else:
-                hooks = _relu_signs(m) if record_signs else contextlib.nullcontext()
-            with hooks as seen:
-                loss = F.cross_entropy(_logits32(m(xt)), yt)
+            signs: list | None = [] if record_signs else None
+            loss = forward(m, relu_masks, signs)
             loss.backward()
-            if relu_masks is not None:
-                out["kinks"] = seen["moved"]
-            elif record_signs:
-                out["relu_signs"] = seen
+            if signs:
+                out["relu_signs"] = signs[0]
             res = {"loss": np.asarray(loss.item())}
             res.update({f"grad:{k}": _numpy(p.grad) for k, p in m.named_parameters()})
             out["grad"] = res
         if "steps" in modes:
             m = copy.deepcopy(model).to(dev).train()
             opt = torch.optim.SGD(m.parameters(), **SGD)
-            for _ in range(steps):
+            signs = [] if record_signs else None
+            for i in range(steps):
                 opt.zero_grad()
-                F.cross_entropy(_logits32(m(xt)), yt).backward()
+                forward(m, None if step_masks is None else step_masks[i], signs).backward()
                 opt.step()
+            if signs:
+                out["step_signs"] = signs
             res = {f"param:{k}": _numpy(p) for k, p in m.named_parameters()}
             res.update(_stats(m))
             out["steps"] = res
+    if relu_masks is not None or step_masks is not None:
+        out["kinks"] = kinks
     return out
 
 
@@ -301,7 +323,7 @@ def _kinks_like(model: torch.nn.Module, relu_masks: Mapping[str, Sequence[np.nda
         masks = relu_masks.get(parent, ())
         if i >= len(masks):
             raise ValueError(f"kink matching: ReLU call {i + 1} of torch module {parent or 'model'!r} has no mask (the other run has {len(masks)})")
-        want = torch.from_numpy(np.ascontiguousarray(masks[i].transpose(0, 3, 1, 2))).to(z.device)
+        want = torch.tensor(masks[i].transpose(0, 3, 1, 2), device=z.device)  # a copy: the masks may be read-only JAX outputs
         if want.shape != z.shape:
             raise ValueError(f"kink matching: ReLU call {i + 1} of {parent or 'model'!r} has shape {tuple(z.shape)} here, {tuple(want.shape)} in the other run")
         flip = ((z > 0) != want) & (z.abs() <= KINK_BAND * z.abs().max())
