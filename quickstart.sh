@@ -16,6 +16,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 case "${1:-}" in
     parity) shift; exec .venv/bin/flax-resnet parity "$@" ;;
-    test) shift; exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" -m "slow or not slow" "$@" ;;  # both tiers
+    test) shift; exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist worksteal -m "slow or not slow" "$@" ;;  # both tiers
     *) echo "usage: $0 parity [ARGS...] | test [PYTEST ARGS...]" >&2; exit 2 ;;
 esac

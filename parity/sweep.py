@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from typing import Callable, Iterator
@@ -200,6 +201,10 @@ def main(argv=None) -> int:
         with open(args.table) as f:
             print(tables([json.loads(line) for line in f if line.strip()]))
         return 0
+    # Every seed compiles the same programs: one XLA cache across the sweep's processes (as the tests' conftest).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(root, ".cache", "jax"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     rows = []
     bugs = list(BUGS) if args.bugs is None else args.bugs
 

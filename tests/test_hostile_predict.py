@@ -245,11 +245,6 @@ def test_predict_on_100_tiny_files(w, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_predict_on_1000_tiny_files(w, tmp_path, capsys):
-    _many(tmp_path, capsys, w, 1000, measure=False)
-
-
-@pytest.mark.slow
 def test_predict_on_10000_tiny_files_in_bounded_memory(w, tmp_path, capsys):
     results, kb = _many(tmp_path, capsys, w, 10_000, measure=True, side=16)
     print(f"predict on 10,000 files: peak RSS {kb / 1024:.0f} MiB")
