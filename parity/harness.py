@@ -6,7 +6,7 @@ Every comparison is relative to a float64 torch run of the same model:
   noise* at that point, never tighter than ``FP32_FLOOR``. The fp32 noise is
   measured, tensor by tensor: the largest error among equally valid fp32
   executions, namely torch fp32 in each of ``torch_variants()`` (the default
-  run, channels_last, and one thread on CPU or cuDNN autotuning on CUDA) and,
+  run, channels_last, and one thread on a multi-threaded CPU or cuDNN autotuning on CUDA) and,
   for the train-mode points (train, grad, steps), ``SENSITIVITY_RUNS``
   float64 runs whose weights, inputs and every conv/BN/linear output are
   moved by up to 4 fp32 ulps (``torch_side._rounding_noise``). The latter

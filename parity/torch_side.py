@@ -104,7 +104,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
 # autotuner picks other algorithms.
 def torch_variants() -> tuple[str, ...]:
     """The torch executions whose spread is the gradient noise floor (see ``run_parity``)."""
-    return ("default", "channels_last", "cudnn_benchmark" if torch_device().type == "cuda" else "one_thread")
+    if torch_device().type == "cuda":
+        return ("default", "channels_last", "cudnn_benchmark")
+    # One thread is another execution only where the default runs more than one (a run of it would repeat "default").
+    return ("default", "channels_last") + (("one_thread",) if torch.get_num_threads() > 1 else ())
 
 
 @contextlib.contextmanager

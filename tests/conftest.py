@@ -15,8 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Under pytest-xdist each worker gets its share of the cores for torch's OpenMP pool (and the CLI
 # processes it starts): two workers on 2 cores, each spinning 2 OpenMP threads beside XLA's, ran the
 # parity tests 1.6x slower than one thread each (measured alternately, warm XLA cache). Set before
-# torch is imported. The harness's fp32 noise variants are unchanged: "one_thread" equalled the
-# 2-thread default bit for bit on 2 cores already.
+# torch is imported. The harness then skips its "one_thread" fp32 variant (a repeat of the default
+# run); on 2 cores it had equalled the 2-thread default bit for bit anyway.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 # One XLA compilation cache for the run's workers and the CLI processes tests start: many tests

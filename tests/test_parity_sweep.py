@@ -1,8 +1,10 @@
 """A sample of ``python -m parity.sweep`` (the full sweep is hours of CPU, run by hand; docs/parity.md has its table).
 
 The correct implementation passes at the batch sizes where BatchNorm is
-worst conditioned (1 and 2, every mode), and every planted bug of
-``parity.sweep.BUGS`` fails, on seeds other than the tests' default.
+worst conditioned (1 and 2, every mode), and the planted bugs the fp32
+rule must catch by the narrowest margins fail, on seeds other than the
+tests' default (every bug of ``parity.sweep.BUGS`` is planted in the test it
+names).
 """
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from parity import sweep
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [5, 11])
+@pytest.mark.parametrize("seed", [5])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_no_false_fail_at_small_batches(seed, batch):
     row = sweep.run_one("resnet18", seed, batch, 64, ("eval", "train", "grad", "steps"))
@@ -43,9 +45,14 @@ def test_steps_tolerance_does_not_depend_on_the_modes_before():
         np.testing.assert_allclose(steps(every)[name], (rel, tol), rtol=1e-6, err_msg=name)
 
 
+# The bugs whose margin depends on the fp32 noise rule (a 1% gradient or update error: 80x-2,000x
+# in the sweep); the structural ones fail by 1e4x and more, each planted in the test BUGS names.
+RULE_BUGS = ["1% fc.bias gradient", "1% BN bias gradient (layer3)", "one SGD update 1% too large"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("bug", sweep.BUGS)
-def test_every_planted_bug_fails(bug):
+@pytest.mark.parametrize("bug", RULE_BUGS)
+def test_planted_bugs_fail_on_another_seed(bug):
     kind, modes, plant, changes, _ = sweep.BUGS[bug]
     row = sweep.run_one(sweep.KINDS[kind], 7, 4, 64, modes, plant, changes)
     assert not row["passed"], row
