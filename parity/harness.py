@@ -198,7 +198,10 @@ def _flax_from_torch(api: str, state_dict, config: ModelConfig):
     return flax_resnet.from_torch(state_dict, config=config)
 
 
-def _flax_side(model, variables, x: np.ndarray, labels: np.ndarray, layout: str, modes: Sequence[str], steps: int) -> dict[str, dict[str, np.ndarray]]:
+def _flax_side(
+    model, variables, x: np.ndarray, labels: np.ndarray, layout: str, modes: Sequence[str], steps: int, match_kinks: bool = True
+) -> dict[str, dict[str, np.ndarray]]:
+    """Flax's results per mode; with ``match_kinks``, also the ReLU masks of the grad forward and of each SGD step's (for ``_kinks_like``)."""
     out: dict[str, dict[str, np.ndarray]] = {}
     x = jnp.asarray(x.transpose(0, 2, 3, 1))
     y = jnp.asarray(labels)
@@ -211,7 +214,10 @@ def _flax_side(model, variables, x: np.ndarray, labels: np.ndarray, layout: str,
     is_stat = lambda k: k.endswith(("running_mean", "running_var"))  # noqa: E731
     if "eval" in modes:
         out["eval"] = {k: np.asarray(v) for k, v in _jitted(model, "eval")(variables, x).items()}
+
     def masks(signs, v) -> dict[str, list[np.ndarray]] | None:
+        if not match_kinks:
+            return None
         if not signs and hasattr(model, "linen_twin"):  # NNX: the ReLU inputs' signs of the Linen twin (the same numerics)
             signs = _jitted(model.linen_twin, "signs")(v, x)
         return _relu_masks(signs) if signs else None
@@ -318,10 +324,7 @@ def run_parity(
     def flax64(run_modes):
         with jax.enable_x64(True):
             model, variables = _flax_from_torch(api, sd, cfg.replace(param_dtype="float64"))
-            out = _flax_side(model, variables, x64, labels, cfg.layout, run_modes, steps)
-        out.pop("relu_masks", None)
-        out.pop("step_masks", None)
-        return out
+            return _flax_side(model, variables, x64, labels, cfg.layout, run_modes, steps, match_kinks=False)
 
     with pinned_precision(precision):
         ref = ref64 = _torch_side(copy.deepcopy(torch_model).double(), x64, labels, modes, steps, record_signs=dtype != "float64")
