@@ -56,7 +56,6 @@ def main(argv=None) -> None:
             torch.manual_seed(0)
             torch.save(getattr(torch_ref, args.arch)(layout="torchvision").state_dict(), weights)
 
-    training.cpu_small_conv_workaround()  # CPU only, before any JAX work: 2-3x faster on small images
     ds = data.load_digits(size=args.size, channels=3, normalize="imagenet")  # RGB, as ImageNet weights expect
     train_x, train_y = ds.train_images[: args.limit], ds.train_labels[: args.limit]
     model, variables = training.load_pretrained(weights, num_classes=ds.num_classes)  # a fresh 10-class head

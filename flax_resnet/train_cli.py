@@ -68,7 +68,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-resume", action="store_true", help="start over even if WORKDIR has checkpoints (they are removed)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many epoch checkpoints to keep")
     p.add_argument("--progress", default="auto", choices=("auto", "on", "off"), help="progress bar (auto: on a terminal)")
-    p.add_argument("--no-cpu-workaround", action="store_true", help="keep XLA's algsimp pass on CPU (it slows small convs ~3x)")
+    p.add_argument("--no-cpu-workaround", action="store_true", help=argparse.SUPPRESS)  # a no-op: flax_resnet.kernels made the workaround unneeded
     p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first (or set FLAX_RESNET_DISTRIBUTED=1)")
     p.set_defaults(func=run)
 
@@ -150,8 +150,6 @@ def _start_jax(args) -> bool:
     _request_devices(args.devices)
     from flax_resnet import training
 
-    if not args.no_cpu_workaround:
-        training.cpu_small_conv_workaround()
     try:  # Orbax logs routine waits at WARNING through absl
         from absl import logging as absl_logging
 

@@ -94,3 +94,45 @@ def test_cpu_kernels_match_plain_gradients_in_float64():
         for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
             a, b = np.asarray(a), np.asarray(b)
             assert a.dtype == np.float64 and np.max(np.abs(a - b)) <= 1e-9 * max(np.max(np.abs(b)), 1e-6 * top)
+
+
+# (input NHWC, kernel HWIO, strides, padding): outputs of at most 4x4 positions, including the 2x2 inputs
+# that XLA's CPU backend runs as a swapped-operand loop, the stem's 7x7/2 on a tiny image and uneven padding.
+SMALL = [
+    ((2, 2, 2, 8), (3, 3, 8, 6), (1, 1), ((1, 1), (1, 1))),
+    ((2, 1, 1, 8), (3, 3, 8, 6), (1, 1), ((1, 1), (1, 1))),
+    ((2, 4, 4, 8), (3, 3, 8, 6), (2, 2), ((1, 1), (1, 1))),
+    ((3, 3, 2, 5), (3, 3, 5, 4), (1, 1), ((1, 0), (0, 1))),
+    ((1, 5, 7, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3))),
+]
+
+
+def _conv_and_grads(conv, x, w, strides, padding):
+    def f(x, w):
+        y = conv(x, w, strides, padding, dimension_numbers=kernels._NHWC)
+        return jnp.sum(jnp.sin(y)), y
+
+    (_, y), g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(x, w)
+    return y, *g
+
+
+@pytest.mark.parametrize("xs,ws,strides,padding", SMALL)
+def test_small_outputs_are_one_product_of_taps_on_cpu(xs, ws, strides, padding):
+    """No convolution is left on CPU (forward or gradients), and the numbers are the conv's to float64 rounding."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    plain = lambda x, w, s, p, dimension_numbers: jax.lax.conv_general_dilated(x, w, s, p, dimension_numbers=dn)  # noqa: E731
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x, w = jnp.asarray(rng.normal(size=xs)), jnp.asarray(rng.normal(size=ws))
+        fast = jax.jit(lambda x, w: _conv_and_grads(kernels.conv_general_dilated, x, w, strides, padding))
+        assert "convolution" not in fast.lower(x, w).as_text()
+        for a, b in zip(fast(x, w), _conv_and_grads(plain, x, w, strides, padding)):
+            assert a.shape == b.shape and a.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12 * float(np.max(np.abs(b))))
+
+
+def test_larger_outputs_stay_convolutions_on_cpu():
+    """From 8x8 outputs on, XLA's conv is as fast as the taps' product and copies nothing: it stays."""
+    x, w = jnp.zeros((2, 8, 8, 8)), jnp.zeros((3, 3, 8, 6))
+    text = jax.jit(lambda x, w: kernels.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=kernels._NHWC)).lower(x, w).as_text()
+    assert "convolution" in text and "dot_general" not in text
