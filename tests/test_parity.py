@@ -88,12 +88,10 @@ DEPTH_CASES = [(a, lay, d) for a, lays in (("resnet50", ("torchvision", "seed"))
 @pytest.mark.parametrize("arch,layout,dtype", DEPTH_CASES)
 def test_depths_eval_train_grad(arch, layout, dtype):
     model = ref(arch, layout)
-    # fp32 gradients are judged at ResNet-50 and the scanned ResNet-101 (their kinks followed); at
-    # ResNet-152 fp32 runs eval and train mode, its gradients' structure is proven in float64.
-    # SGD steps reuse the gradient's compiled executable: ResNet-50, fp32 in the seed layout (conv
-    # biases in the update), float64 in torchvision's.
-    modes = ("eval", "train") + (("grad",) if (arch, dtype) != ("resnet152", "float32") else ())
-    modes += ("steps",) if arch == "resnet50" and (layout == "seed") == (dtype == "float32") else ()
+    # Gradients at every depth and dtype (fp32 ones judged on Flax's side of each ReLU kink); SGD steps,
+    # which reuse the gradient's compiled executable, at ResNet-50 in both layouts (the seed layout's conv
+    # biases in the update) and both dtypes.
+    modes = ("eval", "train", "grad") + (("steps",) if arch == "resnet50" else ())
     r = check(harness.run_parity(model, x_(4, 3, 64, 64), modes=modes, dtype=dtype, steps=3, scan_blocks=scan(arch)))
     assert r.scan_blocks == (arch != "resnet50")
     logits = r.point("eval", "logits")
@@ -116,14 +114,13 @@ OTHER_CASES = [(a, d) for a in OTHER_ARCHS for d in ("float32", "float64") if d 
 
 @pytest.mark.parametrize("arch,dtype", OTHER_CASES)
 def test_other_architectures(arch, dtype):
-    """Eval, train mode and gradients for the basic (resnet18) and grouped (resnext50_32x4d) blocks; eval for the rest.
+    """Eval, train mode and gradients for the basic (resnet18), grouped (resnext50_32x4d) and wide (wide_resnet50_2) blocks; eval for the rest.
 
-    resnet34 runs resnet18's blocks, the wide rows resnet50's at twice the
-    width, the 100+-layer rows the 50-layer rows' blocks at the depth of
-    resnet101 (above): their train-mode forward and backward would add CI
-    time, not coverage.
+    resnet34 runs resnet18's blocks and the 100+-layer rows the 50-layer
+    rows' blocks at the depth of resnet101 (above): their train-mode forward
+    and backward would add CI time, not coverage.
     """
-    modes = ("eval", "train", "grad") if arch in ("resnet18", "resnext50_32x4d") else ("eval",)
+    modes = ("eval", "train", "grad") if arch in ("resnet18", "resnext50_32x4d", "wide_resnet50_2") else ("eval",)
     r = check(harness.run_parity(ref(arch, "torchvision"), x_(4, 3, 64, 64), modes=modes, dtype=dtype, scan_blocks=scan(arch)))
     assert {p.mode for p in r.points} == set(modes)
 
