@@ -14,7 +14,7 @@ COLUMNS = {
     "max abs err": "largest |flax - reference| of the point, the reference being torch float64 on the same weights and inputs",
     "rel err": "max abs err over the reference's max|value| (grad/steps: its tensor's error statistic over max|grad|, or max|update| for steps)",
     "tolerance": "the largest rel err allowed: 2x the fp32 noise, 1e-6 at least (bfloat16: 2x torch autocast's, 1e-2 at least; float64: 1e-10 eval, 1e-9 otherwise)",
-    "fp32 noise": "the largest rel err among equally valid fp32 runs: torch fp32 variants and (train, grad, steps) float64 runs moved by 4 fp32 ulps per value",
+    "fp32 noise": "the largest rel err among equally valid fp32 runs: torch fp32 variants and float64 runs moved by 4 fp32 ulps per value",
     "status": "pass when rel err <= tolerance; FAIL otherwise (the first FAIL in network order says where parity broke)",
 }
 
