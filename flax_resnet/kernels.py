@@ -70,6 +70,13 @@ def _pointwise_as_dot(lhs, rhs, strides, precision):
     return y.astype(jnp.result_type(lhs.dtype, rhs.dtype))
 
 
+def _tap(xp, i, j, ho, wo, strides):
+    """The ``ho x wo`` input view that kernel offset ``(i, j)`` meets in a conv of the padded NHWC ``xp``."""
+    sh, sw = strides
+    n, _, _, c = xp.shape
+    return jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+
+
 def _taps_as_dot(lhs, rhs, strides, padding, precision):
     """A ``kh x kw`` NHWC/HWIO conv as one matrix product of its ``kh * kw`` shifted input views.
 
@@ -83,12 +90,10 @@ def _taps_as_dot(lhs, rhs, strides, padding, precision):
     conv: from 3x3 on it is within 1.2-2x of this form and compiles faster.
     """
     (pt, pb), (pl, pr) = padding
-    sh, sw = strides
     kh, kw, ci, co = rhs.shape
     xp = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    n, hp, wp, _ = xp.shape
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    taps = [jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, ci), (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+    ho, wo = (xp.shape[1] - kh) // strides[0] + 1, (xp.shape[2] - kw) // strides[1] + 1
+    taps = [_tap(xp, i, j, ho, wo, strides) for i in range(kh) for j in range(kw)]
     pref = jnp.float32 if lhs.dtype in _LOW_PRECISION else None
     y = jax.lax.dot_general(jnp.concatenate(taps, axis=3), rhs.reshape(kh * kw * ci, co), (((3,), (0,)), ((), ())), precision=precision, preferred_element_type=pref)
     return y.astype(jnp.result_type(lhs.dtype, rhs.dtype))
@@ -140,7 +145,6 @@ def _grouped_conv(x, w, strides, padding, groups, precision):
     contracting batch and space: the same products and sums.
     """
     (pt, pb), (pl, pr) = padding
-    sh, sw = strides
     dn = ("NHWC", "HWIO", "NHWC")
 
     def plain(x, w):
@@ -165,8 +169,7 @@ def _grouped_conv(x, w, strides, padding, groups, precision):
         taps = []
         for i in range(kh):
             for j in range(kw):
-                xs = jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, xp.shape[3]), (1, sh, sw, 1))
-                xs = xs.reshape(n * ho * wo, groups, ci)
+                xs = _tap(xp, i, j, ho, wo, strides).reshape(n * ho * wo, groups, ci)
                 # (rows, G, Ci) x (rows, G, Co) -> (G, Ci, Co), batched over groups.
                 taps.append(jax.lax.dot_general(xs, dyg, (((0,), (0,)), ((1,), (1,))), precision=precision, preferred_element_type=acc))
         dw = jnp.stack(taps).reshape(kh, kw, groups, ci, co).transpose(0, 1, 3, 2, 4).reshape(kh, kw, ci, out)

@@ -365,8 +365,7 @@ def run_parity(
     for mode in modes:
         errors = _errors(mode, dtype, ref[mode], flax[mode], init)
         points += _points(mode, ref[mode], errors, own[mode] if own else None, rule, init)
-    noisy = dtype != "bfloat16"
-    variants = (torch_variants() + (tuple(f"float64+noise{s}" for s in range(SENSITIVITY_RUNS)) if noisy else ())) if own else ()
+    variants = (torch_variants() + (tuple(f"float64+noise{s}" for s in range(SENSITIVITY_RUNS)) if dtype != "bfloat16" else ())) if own else ()
     argmax = None
     if "eval" in modes:
         tol = next(p.tol for p in points if p.mode == "eval" and p.name == "logits")
