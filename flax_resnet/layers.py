@@ -25,6 +25,19 @@ def relu(module: nn.Module, x: jax.Array) -> jax.Array:
     return nn.relu(x)
 
 
+def max_pool(module: nn.Module, x: jax.Array) -> jax.Array:
+    """torch's stem max-pool: 3x3, stride 2, padding 1 with -inf (as ``reduce_window`` pads).
+
+    Records its input under ``module``'s ``relu_signs/max_pool`` when an apply
+    makes that collection mutable: a window whose two largest inputs lie
+    within rounding of each other is a kink too (its gradient goes to
+    either), and the parity harness matches the element each window took.
+    """
+    if not module.is_initializing():
+        module.sow(RELU_SIGNS, "max_pool", x)
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
 def conv(factory: Any, c: Any, name: str, **kw) -> nn.Module:
     """``factory`` (an ``nn.Conv`` partial) with ``ConvSpec`` ``c``'s shape and torch's explicit symmetric padding ('SAME' pads (0, 1) at stride 2)."""
     p = ((c.padding, c.padding), (c.padding, c.padding))

@@ -26,7 +26,7 @@ import flax.linen as nn
 from flax_resnet import archs, kernels
 from flax_resnet.archs import ArchSpec, get_arch, stem_convs, stem_pool_conv
 from flax_resnet.blocks import ConvPool, DeepStem
-from flax_resnet.layers import BatchNorm, check_nhwc, conv, relu
+from flax_resnet.layers import BatchNorm, check_nhwc, conv, max_pool, relu
 from flax_resnet.scan import Stage
 from flax_resnet.config import ModelConfig
 from flax_resnet.settings import model_kwargs
@@ -139,8 +139,8 @@ class ResNet(nn.Module):
         out: dict[str, jax.Array] = {"act1": x}
         if spec.stem_pool == "conv":
             x = ConvPool(stem_pool_conv(spec), conv_def, norm, name="maxpool")(x, train)
-        else:  # torch pads max-pool with -inf; so does reduce_window here.
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        else:
+            x = max_pool(self, x)
         out["stem"] = x
         all_blocks = list(archs.blocks(spec, self.stride_in_1x1))
         for s in range(1, last_stage + 1):

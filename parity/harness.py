@@ -91,10 +91,12 @@ from parity.constants import BF16_FLOOR, FP32_FLOOR, FP64_TOL, KINK_BAND, MODES,
 from parity.compare import _argmax, _errors, _float64_check, _points
 from parity.report import Argmax, Point, Report
 from parity.torch_side import (
+    MAX_POOL,
     _kinks_like,
     _logits32,
     _np,
     _numpy,
+    _pool_choices,
     _stats,
     _torch_side,
     _torch_variant,
@@ -112,17 +114,21 @@ __all__ = [
 
 
 def _relu_masks(signs: dict) -> dict[str, list[np.ndarray]]:
-    """Every ReLU input's sign (``x > 0``, NHWC) of a Linen forward, per module, in call order.
+    """Every ReLU input's sign (``x > 0``, NHWC) of a Linen forward, per module, in call order, and the max-pool's choices.
 
     ``signs``: the ``relu_signs`` collection (``flax_resnet.layers.relu`` records
     each ReLU under the module that calls it; blocks of a scanned stage are
     stacked under ``rest``). Keys are torch module names (``""`` for the
     model, ``"layer1.0"``, ``"layer1.0.se"``, ``"conv1"``): the parents of the
     ``nn.ReLU`` modules whose calls ``_kinks_like`` matches, so no list of
-    ReLUs is kept anywhere but in the two forwards.
+    ReLUs is kept anywhere but in the two forwards; and ``MAX_POOL``, each
+    stem max-pool window's choice (``layers.max_pool`` records its input).
     """
     out: dict[str, list[np.ndarray]] = {}
     for path, calls in traverse_util.flatten_dict(dict(signs)).items():
+        if path[-1] == "max_pool":  # the stem max-pool's input: each window's choice (``_pool_choices``)
+            out[MAX_POOL] = [_pool_choices(torch.from_numpy(np.asarray(a).astype(np.float32).transpose(0, 3, 1, 2))) for a in calls]
+            continue
         parent = path[:-1]
         if len(parent) >= 2 and parent[1] == SCAN_NAME:  # layerN/rest/...: blocks 1..n-1 stacked
             for i in range(np.shape(calls[0])[0]):

@@ -68,7 +68,7 @@ class Report:
     argmax: Argmax | None = None  # with "eval"
     scan_blocks: bool = False  # the Flax side ran ResNet(scan_blocks=True)
     api: str = "linen"  # the Flax side: the Linen model or the NNX one (flax_resnet.nnx)
-    kinks: int | None = None  # ReLU inputs at which the gradient/steps reference took Flax's side (None: not matched)
+    kinks: int | None = None  # ReLU inputs and max-pool windows at which the gradient/steps reference took Flax's side (None: not matched)
     float64_check: dict[str, Any] | None = None  # a reduced-precision FAIL rerun in float64 (``run_parity(explain=True)``)
 
     @property
@@ -115,8 +115,9 @@ class Report:
             )
         if self.kinks is not None:
             lines.append(
-                f"kinks: {self.kinks} ReLU input(s) within {KINK_BAND:g} of their tensor's max|x| of zero fell on the other side in Flax's"
-                " training forwards (grad, each SGD step); the float64 reference takes Flax's side there (a kink's two sides have different gradients)"
+                f"kinks: {self.kinks} ReLU input(s) within {KINK_BAND:g} of their tensor's max|x| of zero fell on the other side, or max-pool"
+                " window(s) with two inputs that close took the other one, in Flax's training forwards (grad, each SGD step); the float64 reference"
+                " takes Flax's side there (a kink's two sides have different gradients)"
             )
         return lines
 

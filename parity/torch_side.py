@@ -254,24 +254,47 @@ def _torch_side(
     return out
 
 
+MAX_POOL = "max-pool"  # a run's kink masks: the stem max-pool's window choices, beside the ReLU owners' signs
+
+
+def _pool_windows(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, Ho, Wo, 9)``: every window of torch's stem max-pool (3x3, stride 2, padding 1 with -inf), row-major."""
+    return F.pad(x, (1, 1, 1, 1), value=-float("inf")).unfold(2, 3, 2).unfold(3, 3, 2).flatten(-2)
+
+
+def _pool_choices(x: torch.Tensor) -> np.ndarray:
+    """Which element (0-8, row-major) each stem max-pool window of NCHW ``x`` takes, NHWC ``uint8`` (a ``MAX_POOL`` mask)."""
+    return _pool_windows(x).argmax(-1).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+
+
 @contextlib.contextmanager
-def _relu_calls(model: torch.nn.Module, fn: Callable[[str, int, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
-    """Calls ``fn(owner, i, x)`` on the input of every ``nn.ReLU`` call of ``model``'s forward.
+def _kink_calls(model: torch.nn.Module, relu_fn: Callable[[str, int, torch.Tensor], torch.Tensor | None], pool_fn: Callable) -> Iterator[None]:
+    """Calls ``relu_fn(owner, i, x)`` on the input of every ``nn.ReLU`` call of ``model``'s forward, ``pool_fn(i, x, out)`` on every ``nn.MaxPool2d`` call's.
 
     ``owner``: the name of the torch_ref module that owns the ReLU (``""``,
     ``"layer1.0"``, ``"layer1.0.se"``; a model whose modules have other names
     maps them with its ``relu_owner(name)``), ``i``: the call's number
-    there. A tensor ``fn`` returns replaces the ReLU's output.
+    there. A tensor either returns replaces the module's output. The
+    max-pool (the stem's, the only one in the family) must be torch_ref's
+    3x3/2 with padding 1 (``_pool_windows``).
     """
     seen: dict[str, int] = {}
     owner = getattr(model, "relu_owner", lambda name: name.rpartition(".")[0])
 
-    def hook(parent, module, inputs, output):
+    def hook(parent, fn, module, inputs, output):
         i = seen.get(parent, 0)
         seen[parent] = i + 1
-        return fn(parent, i, inputs[0])
+        return fn(i, inputs[0], output) if parent == MAX_POOL else fn(parent, i, inputs[0])
 
-    handles = [m.register_forward_hook(functools.partial(hook, owner(name))) for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.MaxPool2d):
+            pool = tuple(getattr(m, a) if isinstance(getattr(m, a), tuple) else (getattr(m, a),) * 2 for a in ("kernel_size", "stride", "padding"))
+            if pool != ((3, 3), (2, 2), (1, 1)) or m.dilation not in (1, (1, 1)) or m.ceil_mode:
+                raise ValueError(f"kink matching: the max-pool {name!r} is not the stem's 3x3/2 with padding 1 ({m})")
+            handles.append(m.register_forward_hook(functools.partial(hook, MAX_POOL, pool_fn)))
+        elif isinstance(m, torch.nn.ReLU):
+            handles.append(m.register_forward_hook(functools.partial(hook, owner(name), relu_fn)))
     try:
         yield
     finally:
@@ -281,19 +304,19 @@ def _relu_calls(model: torch.nn.Module, fn: Callable[[str, int, torch.Tensor], t
 
 @contextlib.contextmanager
 def _relu_signs(model: torch.nn.Module) -> Iterator[dict[str, list[np.ndarray]]]:
-    """Records every ReLU input's sign (``x > 0``, NHWC) of a forward, per owning module, in call order (``_kinks_like``'s masks)."""
+    """Records every ReLU input's sign (``x > 0``, NHWC) of a forward, per owning module, in call order, and the max-pool's choices (``_kinks_like``'s masks)."""
     signs: dict[str, list[np.ndarray]] = {}
 
     def record(parent, i, z):
         signs.setdefault(parent, []).append((z > 0).permute(0, 2, 3, 1).cpu().numpy())
 
-    with _relu_calls(model, record):
+    with _kink_calls(model, record, lambda i, z, out: signs.setdefault(MAX_POOL, []).append(_pool_choices(z))):
         yield signs
 
 
 @contextlib.contextmanager
 def _kinks_like(model: torch.nn.Module, relu_masks: Mapping[str, Sequence[np.ndarray]]) -> Iterator[dict[str, int]]:
-    """Makes a torch forward take another run's side of every ReLU kink.
+    """Makes a torch forward take another run's side of every ReLU kink and max-pool near-tie.
 
     A train-mode gradient is the exact gradient of the piecewise-linear net
     on one side of each kink; an activation within rounding of zero lands
@@ -308,35 +331,57 @@ def _kinks_like(model: torch.nn.Module, relu_masks: Mapping[str, Sequence[np.nda
     input mirrored (``x -> -x``, a move of at most 2e-4 of max|x|, the
     gradient passing unchanged). A sign that differs farther from zero is
     left alone: that is a real discrepancy. ``relu_masks`` maps the owner of
-    each ReLU (``_relu_calls``) to the other run's NHWC booleans ``x > 0``
+    each ReLU (``_kink_calls``) to the other run's NHWC booleans ``x > 0``
     of its calls, in call order.
 
+    The stem max-pool is the family's other kink: a window whose two largest
+    inputs lie within rounding of each other sends its gradient to either
+    (at batch 4, two SGD steps of a ResNet-18 made one such window pick
+    another element in Flax fp32 than in float64: the stem conv's weight
+    then moved 1e-4 of its update away, 100x the fp32 noise). Under
+    ``MAX_POOL`` the masks hold the other run's choice per window
+    (``_pool_choices``); a window whose own maximum is another element,
+    larger than that run's choice by at most ``KINK_BAND`` of max|x|,
+    outputs the other run's choice instead, and its gradient goes there.
+
     Yields:
-        ``{"moved": n}``, filled in by the forward.
+        ``{"moved": n}``, filled in by the forward (ReLU inputs and windows).
 
     Raises:
-        ValueError: the forward made more or fewer ReLU calls than
-            ``relu_masks`` has, or one of another shape.
+        ValueError: the forward made more or fewer ReLU or max-pool calls
+            than ``relu_masks`` has, or one of another shape.
     """
     state = {"calls": 0, "moved": 0}
     total = sum(len(v) for v in relu_masks.values())
 
-    def match(parent, i, z):
+    def other_run(parent: str, i: int, shape) -> torch.Tensor:
         state["calls"] += 1
         masks = relu_masks.get(parent, ())
+        what = "max-pool call" if parent == MAX_POOL else f"ReLU call {i + 1} of torch module {parent or 'model'!r}"
         if i >= len(masks):
-            raise ValueError(f"kink matching: ReLU call {i + 1} of torch module {parent or 'model'!r} has no mask (the other run has {len(masks)})")
-        want = torch.tensor(masks[i].transpose(0, 3, 1, 2), device=z.device)  # a copy: the masks may be read-only JAX outputs
-        if want.shape != z.shape:
-            raise ValueError(f"kink matching: ReLU call {i + 1} of {parent or 'model'!r} has shape {tuple(z.shape)} here, {tuple(want.shape)} in the other run")
+            raise ValueError(f"kink matching: {what} has no mask (the other run has {len(masks)})")
+        want = torch.tensor(masks[i].transpose(0, 3, 1, 2))  # a copy: the masks may be read-only JAX outputs
+        if want.shape != shape:
+            raise ValueError(f"kink matching: {what} has shape {tuple(shape)} here, {tuple(want.shape)} in the other run")
+        return want
+
+    def match(parent, i, z):
+        want = other_run(parent, i, z.shape).to(z.device)
         flip = ((z > 0) != want) & (z.abs() <= KINK_BAND * z.abs().max())
         state["moved"] += int(flip.sum())
         return F.relu(z + torch.where(flip, -2 * z, torch.zeros_like(z)).detach())
 
-    with _relu_calls(model, match):
+    def match_pool(i, z, out):
+        want = other_run(MAX_POOL, i, out.shape).to(z.device, torch.int64)
+        chosen = _pool_windows(z).gather(-1, want.unsqueeze(-1)).squeeze(-1)
+        flip = (chosen < out) & (out - chosen <= KINK_BAND * z.abs().max())
+        state["moved"] += int(flip.sum())
+        return torch.where(flip, chosen, out)
+
+    with _kink_calls(model, match, match_pool):
         yield state
     if state["calls"] != total:
-        raise ValueError(f"kink matching: the torch forward made {state['calls']} ReLU calls, the other run {total}")
+        raise ValueError(f"kink matching: the torch forward made {state['calls']} ReLU and max-pool calls, the other run {total}")
 
 
 def _logits32(logits: torch.Tensor) -> torch.Tensor:

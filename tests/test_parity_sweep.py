@@ -45,6 +45,24 @@ def test_steps_tolerance_does_not_depend_on_the_modes_before():
         np.testing.assert_allclose(steps(every)[name], (rel, tol), rtol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
+def test_steps_follow_flax_max_pool_choices():
+    """The sweep's false FAIL at resnet18, seed 5, batch 4: the stem conv's weight after two SGD steps at 109x its tolerance.
+
+    In the second step one stem max-pool window whose two largest inputs lie
+    within rounding took another element in Flax fp32 than in float64, so the
+    stem conv's gradient went elsewhere there; the float64 reference now
+    takes Flax's choice (``parity.torch_side._kinks_like``), counted in ``kinks``.
+    """
+    from flax_resnet.config import ModelConfig
+    from parity import fixtures, harness
+
+    config = ModelConfig("resnet18")
+    model, x = fixtures.calibrated(config, seed=5), fixtures.images(4, 3, 64, 64, seed=6).numpy()
+    r = harness.run_parity(model, x, modes=("steps",), config=config)
+    assert r.passed and r.kinks >= 1, r.format()
+
+
 # The bugs whose margin depends on the fp32 noise rule (a 1% gradient or update error: 80x-2,000x
 # in the sweep); the structural ones fail by 1e4x and more, each planted in the test BUGS names.
 RULE_BUGS = ["1% fc.bias gradient", "1% BN bias gradient (layer3)", "one SGD update 1% too large"]
