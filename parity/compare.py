@@ -6,15 +6,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from flax_resnet.archs import from_transformers_name
 from parity.constants import FP64_TOL, PERCENTILE_MIN_SIZE
 from parity.report import Argmax, Point
 
 
 
 def _group(key: str) -> str:
-    """'grad:layer2.3.conv1.weight' -> 'grad layer2'; stem modules -> 'stem'; fc -> 'fc'."""
+    """'grad:layer2.3.conv1.weight' -> 'grad layer2'; stem modules -> 'stem'; fc -> 'fc'.
+
+    transformers' names go by the torch_ref module they map to
+    ('grad:resnet.encoder.stages.1.layers.3.layer.0.convolution.weight' -> 'grad layer2').
+    """
     kind, name = key.split(":", 1)
     top = name.split(".")[0]
+    if top in ("resnet", "classifier"):
+        top = (from_transformers_name(name.rpartition(".")[0]) or top).split(".")[0]
     top = "stem" if top in ("conv1", "bn1") else top
     if kind == "stat":
         kind = "running_var" if name.endswith("running_var") else "running_mean"

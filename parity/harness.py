@@ -39,8 +39,9 @@ whole channel and every layer below it. So
 * the float64 reference for Flax's gradients, and for its SGD steps (each
   step's forward), is taken on Flax's side of every ReLU kink
   (``_kinks_like``; Linen and NNX): ReLU inputs whose sign differs within
-  ``KINK_BAND`` of zero are mirrored in the float64 run, and the report
-  counts them (``Report.kinks``); likewise each torch run that measures the
+  ``KINK_BAND`` of zero are mirrored in the float64 run, stem max-pool
+  windows whose largest input lies within ``KINK_BAND`` of the one Flax
+  took output Flax's choice, and the report counts both (``Report.kinks``); likewise each torch run that measures the
   fp32 noise is taken on the float64 reference's side, so the tolerance
   holds the same smooth rounding error Flax is judged by and no kink flip
   of its own (one flip in a torch run made a 1% BN-bias gradient error pass

@@ -93,6 +93,8 @@ def test_parity_against_transformers_float32(name):
     r = harness.run_parity(m, x, modes=("eval", "train", "grad"), dtype="float32")
     assert r.passed, r.format()
     assert r.kinks is not None, "the gradient reference was taken on Flax's side of every ReLU kink (transformers' module names mapped)"
+    # transformers' tensors are reported by the stage of the torch_ref module they map to, as every layout's are
+    assert [p.name for p in r.points if p.mode == "grad"] == ["loss", "grad stem", "grad layer1", "grad layer2", "grad layer3", "grad layer4", "grad fc"]
 
 
 def test_relu_owner_names_torch_ref_modules():
