@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1 (default 20)")
     p.add_argument("--first-seed", type=int, default=0, help="start at this seed (default 0)")
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="batch sizes (default 1 2 4 8)")
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS), help=f"architecture kinds: {', '.join(f'{k} ({a})' for k, a in KINDS.items())}")
+    p.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS), help=f"architecture kinds (default all; none: --kinds with no names): {', '.join(f'{k} ({a})' for k, a in KINDS.items())}")
     p.add_argument("--size", type=int, default=64, help="square input size (default 64; layer4 is 2x2)")
     p.add_argument("--bugs", nargs="*", default=None, help="planted bugs to run (default all; none: --bugs with no names)")
     p.add_argument("--bug-batch", type=int, default=4, help="batch size of the planted-bug runs (default 4)")
