@@ -17,8 +17,13 @@ SENSITIVITY_RUNS = 4
 NOISE_FACTOR = 2.0
 # A ReLU input within this fraction of its tensor's max|x| of zero is a kink that rounding may
 # flip: the float64 gradient reference takes the reduced-precision run's side of it (see
-# ``parity.torch_side._kinks_like``). fp32 forward errors are ~1e-6 of max|x| (the eval points), so 1e-4 leaves 100x.
-KINK_BAND = 1e-4
+# ``parity.torch_side._kinks_like``). fp32 forward errors are ~1e-6 of max|x| (the eval points), but
+# the second SGD step's forward starts from parameters that already carry the first step's fp32
+# gradient noise, up to 1e-2 of the update where train-mode BatchNorm is ill-conditioned: measured
+# (resnext50_32x4d, seed 13, batch 2), three layer4.2 ReLU inputs 1.1-1.7e-4 of max|x| from zero
+# fell on the other side there, and at a band of 1e-4 they moved Flax's layer1 update by 1.9e-2
+# (0.97 of its tolerance; the noise runs' own flips made that tolerance), 2.3e-4 at 1e-3.
+KINK_BAND = 1e-3
 FP64_TOL = {"eval": 1e-10, "train": 1e-9, "grad": 1e-9, "steps": 1e-9}
 BF16_FLOOR = 1e-2
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)

@@ -328,7 +328,7 @@ def _kinks_like(model: torch.nn.Module, relu_masks: Mapping[str, Sequence[np.nda
     equally valid torch run that measures the fp32 noise on the float64
     reference's side. Each ``nn.ReLU`` call whose input has the other sign
     *and* lies within ``KINK_BAND`` of its tensor's max|x| of zero gets its
-    input mirrored (``x -> -x``, a move of at most 2e-4 of max|x|, the
+    input mirrored (``x -> -x``, a move of at most 2e-3 of max|x|, the
     gradient passing unchanged). A sign that differs farther from zero is
     left alone: that is a real discrepancy. ``relu_masks`` maps the owner of
     each ReLU (``_kink_calls``) to the other run's NHWC booleans ``x > 0``
