@@ -136,6 +136,7 @@ def pytest_collection_modifyitems(config, items):
 # the measured margins docs/parity.md records.
 if os.environ.get("PARITY_MARGINS"):
     import json
+    import math
 
     from parity import harness
 
@@ -143,7 +144,7 @@ if os.environ.get("PARITY_MARGINS"):
 
     def _logged_run_parity(*args, **kwargs):
         r = _run_parity(*args, **kwargs)
-        ratio = lambda p: p.rel / p.tol if p.tol else float("inf")  # noqa: E731
+        ratio = lambda p: p.rel / p.tol if p.tol and math.isfinite(p.rel) else float("inf")  # noqa: E731  (NaN: as far off as can be)
         worst = max(r.points, key=ratio)
         row = {"test": os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0], "arch": r.arch, "dtype": r.dtype, "api": r.api, "batch": r.batch}
         row |= {"passed": r.passed, "worst": worst.label, "rel": worst.rel, "tol": worst.tol, "ratio": ratio(worst)}

@@ -64,19 +64,20 @@ def test_steps_follow_flax_max_pool_choices():
 
 
 @pytest.mark.slow
-def test_second_step_kinks_beyond_first_step_rounding_are_matched():
-    """The sweep's closest correct run (resnext50_32x4d, seed 13, batch 2): ``steps param layer1`` at 0.97 of its tolerance.
+@pytest.mark.parametrize("seed", [13, 14])
+def test_second_step_kinks_beyond_first_step_rounding_are_matched(seed):
+    """The grouped kind's sweep with a 1e-4 ``KINK_BAND`` (resnext50_32x4d, batch 2): seed 13 at 0.97 of its tolerance, seed 14 a false FAIL at 2.34x.
 
     The second SGD step starts from parameters carrying the first step's fp32
     gradient noise (1e-2 of the update where train-mode BatchNorm sees 8
-    values per channel), so three layer4.2 ReLU inputs 1.1-1.7e-4 of max|x|
-    from zero fell on the other side: outside a 1e-4 ``KINK_BAND``, they
-    moved Flax's layer1 update by 1.9e-2 and the noise runs' own flips made
-    a tolerance just as wide. Matched (band 1e-3), Flax is at 2.3e-4 and the
-    run at 0.25 of its tolerance.
+    values per channel). At seed 13 three layer4.2 ReLU inputs 1.1-1.7e-4 of
+    max|x| from zero fell on the other side: outside the band, they moved
+    Flax's layer1 update by 1.9e-2, and the noise runs' own flips made a
+    tolerance just as wide. Matched (band 1e-3), the steps are at 0.25
+    (seed 13) and 0.40 (seed 14) of their tolerances.
     """
-    row = sweep.run_one("resnext50_32x4d", 13, 2, 64, ("steps",))
-    assert row["passed"] and row["margin"] < 0.5, row
+    row = sweep.run_one("resnext50_32x4d", seed, 2, 64, ("steps",))
+    assert row["passed"] and row["margin"] < 0.75, row
 
 
 # The bugs whose margin depends on the fp32 noise rule (a 1% gradient or update error: 80x-2,000x
