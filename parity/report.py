@@ -36,6 +36,11 @@ class Point:
         return bool(np.isfinite(self.rel) and self.rel <= self.tol)
 
     @property
+    def margin(self) -> float:
+        """rel err / tolerance: above 1 fails; ``inf`` for a NaN error or a zero tolerance (as far off as can be)."""
+        return self.rel / self.tol if np.isfinite(self.rel) and self.tol else float("inf")
+
+    @property
     def label(self) -> str:
         """``mode point`` without repeating the mode: 'grad layer1', 'steps param layer1', 'eval logits'."""
         return f"{self.mode} {self.name.removeprefix(f'{self.mode} ')}"
